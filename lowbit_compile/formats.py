@@ -294,6 +294,7 @@ def block_scale(blocks: torch.Tensor, fmt: Quantized) -> torch.Tensor:
     lowest = float(fmt.codebook[0])
     if fmt.signed and lowest > -1.0:
         stretched = neg / torch.tensor(-lowest, dtype=torch.float32, device=blocks.device)
+        stretched = stretched.clamp_max(torch.finfo(torch.float32).max)  # extremes near fp32 max stay finite
         absmax = torch.where(neg >= hi, stretched, absmax)
     return absmax
 

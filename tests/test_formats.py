@@ -180,3 +180,11 @@ def test_bad_inputs_raise_clear_errors():
         lbc.quantize(torch.ones(4, dtype=torch.int32), lbc.Q8())
     with pytest.raises(TypeError, match="quantized format"):
         lbc.quantize(torch.ones(4), lbc.F32())
+
+
+@pytest.mark.parametrize("fmt", [lbc.Q8(), lbc.Q4()], ids=lambda f: f.spec)
+def test_negative_extreme_near_float32_max_stays_finite(fmt):
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([-big, big * 0.5, 1.0, 0.0])
+    y = lbc.dequantize(lbc.quantize(x, fmt))
+    assert torch.isfinite(y).all() and y[0] < 0 and y[1] > 0
