@@ -221,6 +221,21 @@ def _midpoints(map: str, bits: int, signed: bool) -> torch.Tensor:
     return ((levels[:-1] + levels[1:]) / 2).contiguous()
 
 
+def tables(fmt: Quantized, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codebook, midpoints)`` of ``fmt`` on ``device``: the same tensor objects on every call, so codecs never
+    copy a table host-to-device inside a step (CUDA-graph safe) and kernels see stable pointers. Do not modify."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _tables_on(fmt.map, fmt.bits, fmt.signed, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables_on(map: str, bits: int, signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (_codebook(map, bits, signed).to(device).contiguous(),
+            _midpoints(map, bits, signed).to(device).contiguous())
+
+
 def parse_spec(spec: str) -> Format:
     """Inverse of ``Format.spec``."""
     if spec == "F32":
@@ -276,7 +291,7 @@ def encode(x: torch.Tensor, fmt: Quantized) -> tuple[torch.Tensor, torch.Tensor]
     absmax = block_scale(blocks, fmt)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normalised = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks))
-    codes = torch.searchsorted(fmt.midpoints.to(flat.device), normalised, right=False).to(torch.uint8)
+    codes = torch.searchsorted(tables(fmt, flat.device)[1], normalised, right=False).to(torch.uint8)
     return pack(codes.view(-1), fmt), absmax
 
 
@@ -302,7 +317,7 @@ def block_scale(blocks: torch.Tensor, fmt: Quantized) -> torch.Tensor:
 def decode(codes: torch.Tensor, absmax: torch.Tensor, fmt: Quantized, numel: int) -> torch.Tensor:
     """Reference decoder: fp32 values of the first ``numel`` elements."""
     indices = unpack(codes, fmt).long()
-    levels = fmt.codebook.to(codes.device)[indices].view(-1, fmt.block)
+    levels = tables(fmt, codes.device)[0][indices].view(-1, fmt.block)
     return (levels * absmax[:, None]).view(-1)[:numel]
 
 
@@ -355,6 +370,6 @@ def empty_state(numel: int, fmt: Quantized, device) -> tuple[torch.Tensor, torch
 __all__ = [
     "Format", "Plain", "Quantized", "QTensor", "F32", "BF16", "Q8", "Q4", "MIN_QUANT_NUMEL",
     "dynamic_map", "linear_map_without_zero", "linear2_map", "parse_spec", "as_format",
-    "encode", "decode", "block_scale", "pack", "unpack", "quantize", "dequantize", "check_quantizable", "empty_state",
+    "encode", "decode", "block_scale", "tables", "pack", "unpack", "quantize", "dequantize", "check_quantizable", "empty_state",
 ]
 

@@ -34,14 +34,13 @@ fp32 bits; ``y = x / scale`` uses one reciprocal per row (see ``_divide_rows``).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..formats import Quantized, QTensor, as_format, check_quantizable
+from ..formats import Quantized, QTensor, as_format, check_quantizable, tables
 
 MAP_DYNAMIC = 0
 MAP_LINEAR = 1
@@ -84,23 +83,10 @@ def codec_constants(fmt) -> dict:
             "LOWEST": float(fmt.codebook[0])}
 
 
-def _canonical_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_tables(spec: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    fmt = _quantized(spec)
-    return fmt.codebook.to(device).contiguous(), fmt.midpoints.to(device).contiguous()
-
-
 def codec_tables(fmt, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codebook, midpoints)`` of ``fmt`` as fp32 tensors on ``device``; the same tensor objects on every call
     (stable pointers for CUDA graphs and pointer tables). Do not modify them."""
-    return _cached_tables(_quantized(fmt).spec, _canonical_device(device))
+    return tables(_quantized(fmt), device)
 
 
 # --------------------------------------------------------------------------------------------------------------
