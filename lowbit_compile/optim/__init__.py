@@ -3,6 +3,7 @@ built-in rules; the drop-in classes take torch.optim's arguments plus ``bits``."
 from . import rules
 from .classes import SGD, AdEMAMix, Adagrad, Adam, AdamW, Lion, RMSprop, state_formats
 from .core import Optimizer, ParamGroup, PlainStorage, QuantizedStorage, StateReport, StateRow
+from .efcp import EFGGT, EFMFAC
 
 __all__ = ["Optimizer", "ParamGroup", "StateReport", "StateRow", "QuantizedStorage", "PlainStorage", "rules",
-           "Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "AdEMAMix", "state_formats"]
+           "Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "AdEMAMix", "state_formats", "EFMFAC", "EFGGT"]
