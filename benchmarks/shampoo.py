@@ -1,0 +1,325 @@
+"""Shampoo step time and state memory on one GPU, ours (4-bit and 32-bit) next to Distributed Shampoo and fused AdamW.
+
+    python3 benchmarks/shampoo.py --out DIR            # on the H100: DIR/shampoo.{json,md,png}
+    python3 benchmarks/shampoo.py --plot DIR/shampoo.json   # redraw the PNG from a result file (no GPU needed)
+
+Workload: the 12-layer d=1024 stack of DESIGN.md §7 (per layer Wqkv 3072x1024, Wo 1024x1024, W1 4096x1024,
+W2 1024x4096 and two 1024 vectors; 151.0M fp32 parameters), max preconditioner dim 1024, Adam(W) grafting, lr 1e-3,
+random gradients (new ones before every step, outside the timed region).
+
+Step times are CUDA-event times of single ``opt.step()`` calls. Ours is timed separately as a plain step, a
+statistics-refresh step (every T1 = 100) and a statistics + inverse-root step (every T2 = 500), forced by setting the
+optimizer's step counter (the work of a step does not depend on the state's values: no data-dependent branches);
+amortized = ((T2 - T2/T1) plain + (T2/T1 - 1) refresh + 1 both) / T2 from the medians. Distributed Shampoo
+(facebookresearch/optimizers, put under .ext/, not part of this repository) runs 130 steps at
+precondition_frequency = start_preconditioning_step = 100: its refresh is step 100, its plain step the median of
+steps 101-130, amortized = (99 plain + refresh) / 100. State bytes: ours counted from the state tensors (all state,
+and the preconditioner alone); for every optimizer also the anchor script's measure, memory allocated after the
+steps minus parameters and gradients. Peak: max memory allocated, parameters and gradients included.
+
+Ours runs with its default per-step path (decode the 4-bit roots per chunk of blocks, cuBLAS TF32 batched matmuls).
+The fused Triton dequant-matmul (``fused=True``) is timed on its own on this workload's block batch (144 blocks of
+1024 x 1024), for its tile candidates, next to decode + cuBLAS for the same two products.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / ".ext"))
+
+from benchmarks._common import environment, grouped_bar_plot, markdown_table, write_json  # noqa: E402
+
+LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
+T1, T2 = 100, 500
+
+
+def layer_shapes(layers: int) -> list[tuple[int, ...]]:
+    return [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (1024,), (1024,)] * layers
+
+
+def make_params(layers: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen) * 0.02) for s in layer_shapes(layers)]
+
+
+def set_grads(params, seed: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-2
+
+
+def timed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def timed_steps(opt, params, seeds) -> list[float]:
+    times = []
+    for seed in seeds:
+        set_grads(params, seed)
+        times.append(timed(opt.step))
+    return times
+
+
+class Run:
+    """Memory bookkeeping around one optimizer: parameters and gradients first, then the optimizer."""
+
+    def __init__(self, layers: int):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.params = make_params(layers)
+        set_grads(self.params, 0)
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        self.numel = sum(p.numel() for p in self.params)
+
+    def memory(self) -> dict:
+        torch.cuda.synchronize()
+        return {"allocated_B_per_param": (torch.cuda.memory_allocated() - self.base) / self.numel,
+                "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------------------------
+def bench_adamw(layers: int) -> dict:
+    run = Run(layers)
+    opt = torch.optim.AdamW(run.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
+    timed_steps(opt, run.params, range(1, 6))
+    times = timed_steps(opt, run.params, range(100, 130))
+    plain = statistics.median(times)
+    return {"name": "torch AdamW fused", "plain_ms": plain, "amortized_ms": plain, "mean_ms": statistics.mean(times),
+            **run.memory(), "state_B_per_param": 8.0}
+
+
+def bench_distributed_shampoo(layers: int) -> dict:
+    from distributed_shampoo import AdamPreconditionerConfig, DistributedShampoo
+    run = Run(layers)
+    opt = DistributedShampoo(run.params, lr=LR, betas=BETAS, epsilon=1e-12, weight_decay=0.0,
+                             max_preconditioner_dim=1024, precondition_frequency=T1, start_preconditioning_step=T1,
+                             grafting_config=AdamPreconditionerConfig(beta2=BETAS[1], epsilon=EPS))
+    times = timed_steps(opt, run.params, range(1, 131))
+    refresh_index = max(range(T1 - 5, T1 + 5), key=lambda i: times[i])  # step T1 (its counter's first refresh)
+    refresh = times[refresh_index]
+    plain = statistics.median(times[refresh_index + 1:])
+    return {"name": f"Distributed Shampoo fp32 (eigh), f={T1}", "plain_ms": plain, "refresh_ms": refresh,
+            "amortized_ms": ((T1 - 1) * plain + refresh) / T1, "refresh_step": refresh_index + 1,
+            "first_steps_ms": statistics.median(times[5:T1 - 1]), **run.memory()}
+
+
+def bench_ours(layers: int, bits: int) -> dict:
+    from lowbit_compile.optim.shampoo import Shampoo
+    run = Run(layers)
+    opt = Shampoo(run.params, lr=LR, bits=bits, betas=BETAS, eps=EPS, max_preconditioner_dim=1024,
+                  precondition_frequency=T1, inverse_root_frequency=T2, grafting="adamw")
+    # Compile everything once: plain steps, a statistics refresh, an inverse-root refresh.
+    timed_steps(opt, run.params, range(1, 4))
+    opt._step = T1 - 1
+    first_refresh = timed_steps(opt, run.params, [4])[0]
+    opt._step = T2 - 1
+    first_root = timed_steps(opt, run.params, [5])[0]
+    opt._step = 10 * T2
+    plain_times = timed_steps(opt, run.params, range(100, 130))
+    refresh_times, both_times = [], []
+    for k in range(1, 4):
+        opt._step = 10 * T2 + k * T1 - 1
+        refresh_times += timed_steps(opt, run.params, [200 + k])
+    for k in (20, 30):
+        opt._step = k * T2 - 1
+        both_times += timed_steps(opt, run.params, [300 + k])
+    plain, refresh, both = (statistics.median(t) for t in (plain_times, refresh_times, both_times))
+    per_window = T2 // T1
+    amortized = ((T2 - per_window) * plain + (per_window - 1) * refresh + both) / T2
+
+    # The preconditioning alone (both fused dequant-matmuls of every block, norms and grafting scale).
+    grads = [p.grad for p in run.params]
+    grads2d = [None if s is None else g.reshape(s) for g, s in zip(grads, opt._shapes2d)]
+    precondition = statistics.median(timed(lambda: opt._directions(grads, grads2d)) for _ in range(10))
+    flops = sum(2 * b.rows * b.cols * (b.rows + b.cols) for batch in opt.batches for b in batch.blocks)
+    counts = opt.refresh_counts()
+    return {"name": f"ours Shampoo {bits}-bit", "plain_ms": plain, "refresh_ms": refresh, "refresh_and_root_ms": both,
+            "amortized_ms": amortized, "first_refresh_ms": first_refresh, "first_root_ms": first_root,
+            "plain_times_ms": plain_times, "refresh_times_ms": refresh_times, "both_times_ms": both_times,
+            "precondition_ms": precondition, "precondition_tflops": flops / precondition / 1e9,
+            "state_B_per_param": opt.state_bytes() / run.numel,
+            "preconditioner_B_per_param": opt.state_bytes(preconditioner_only=True) / run.numel,
+            "refresh_counts": counts, **run.memory()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel tiles
+# --------------------------------------------------------------------------------------------------------------
+# The best two of a first sweep (2026-11-23, H100): quantized 128,256,32,8,3 14.8 ms > 128,128,64,8,3 19.9 >
+# 128,128,32,8,3 20.8 > 128,64,32,4,4 22.8 > 64,128,32,4,4 25.3; transposed 64,256,32,8,3 8.8 > 64,128,32,4,3 13.8 >
+# 64,128,64,4,3 15.0 > 32,128,32,4,4 17.6 > 64,64,32,4,4 27.1.
+CANDIDATES = {
+    "quantized": [(128, 256, 32, 8, 3), (128, 128, 32, 8, 3)],
+    "quantized_transposed": [(64, 256, 32, 8, 3), (64, 128, 32, 4, 3)],
+}
+
+
+def _tiles_text(tiles) -> str:
+    return ",".join(map(str, tiles))
+
+
+def sweep_tiles(count: int = 144, order: int = 1024) -> list[dict]:
+    """Times each candidate tile shape of the two per-step kernels on ``count`` blocks of ``order``; keeps the
+    fastest in ``templates.shampoo.TILES``; also times dequantize + cuBLAS (TF32) for the same products."""
+    import triton
+
+    from lowbit_compile.formats import Q4
+    from lowbit_compile.optim.shampoo import _decode_rows, _encode_rows
+    from lowbit_compile.templates import shampoo as templates
+
+    fmt = Q4(map="linear2")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    root = torch.randn(count, order, order, device="cuda", generator=gen) / order**0.5
+    lhs = templates.QuantizedRows(*_encode_rows(root, fmt), fmt, order)
+    del root
+    diag = torch.ones(count, order, device="cuda")
+    grad = torch.randn(count, order, order, device="cuda", generator=gen)
+    work = torch.empty_like(grad)
+    out = torch.empty_like(grad)
+    flops = 2 * count * order**3
+    rows = []
+    for kind, transposed in (("quantized", False), ("quantized_transposed", True)):
+        rhs = templates.batch_table(work, transposed=True) if transposed else templates.batch_table(grad)
+        dst = templates.batch_table(out, transposed=True) if transposed else templates.batch_table(work)
+        best = None
+        for tiles in CANDIDATES[kind]:
+            templates.TILES[kind] = tiles
+            call = lambda: templates.batched_matmul(lhs, rhs, dst, order, order, order, lhs_transposed=transposed,
+                                                    diag=diag, sanitize=transposed)
+            try:
+                ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+                rows.append({"kernel": kind, "tiles": _tiles_text(tiles), "ms": ms, "tflops": flops / ms / 1e9})
+                if best is None or ms < best[0]:
+                    best = (ms, tiles)
+            except Exception as error:  # a candidate that does not compile (shared memory, registers) is skipped
+                rows.append({"kernel": kind, "tiles": _tiles_text(tiles), "error": repr(error)[:200]})
+        templates.TILES[kind] = best[1]
+        rows.append({"kernel": kind, "chosen": _tiles_text(best[1]), "ms": best[0]})
+
+    def unfused():
+        decoded = _decode_rows(lhs)
+        torch.bmm(decoded, grad, out=work)
+        torch.bmm(work, decoded, out=out)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        ms = triton.testing.do_bench(unfused, warmup=25, rep=200, return_mode="median")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    rows.append({"kernel": "dequantize + 2 cuBLAS TF32 bmm (both products)", "ms": ms, "tflops": 2 * flops / ms / 1e9})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+COLUMNS = [("name", "optimizer", "s"), ("amortized_ms", "amortized ms/step", ".2f"),
+           ("plain_ms", "plain step ms", ".2f"), ("refresh_ms", "refresh step ms", ".1f"), ("refresh_and_root_ms", "refresh+root step ms", ".1f"),
+           ("state_B_per_param", "state B/param", ".3f"),
+           ("preconditioner_B_per_param", "preconditioner B/param", ".3f"),
+           ("allocated_B_per_param", "allocated B/param", ".2f"), ("peak_GB", "peak GB", ".2f")]
+
+
+def report(result: dict) -> str:
+    env = result["environment"]
+    rows = [r for r in result["optimizers"] if "error" not in r]
+    lines = [f"# Shampoo — {env.get('device')}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}; {env.get('date')}. {result['numel'] / 1e6:.1f}M "
+             f"fp32 parameters ({result['layers']} layers d=1024), max preconditioner dim 1024, AdamW grafting, "
+             f"T1 = {T1}, T2 = {T2}.", "", markdown_table(rows, COLUMNS), ""]
+    for r in result["optimizers"]:
+        if "error" in r:
+            lines.append(f"- {r['name']}: failed: {r['error']}")
+    ours = {r["name"]: r for r in rows}
+    four, thirty_two = ours.get("ours Shampoo 4-bit"), ours.get("ours Shampoo 32-bit")
+    if four:
+        lines.append(f"- 4-bit: preconditioning alone {four['precondition_ms']:.2f} ms "
+                     f"({four['precondition_tflops']:.0f} TFLOP/s over the two products per block); refresh counts "
+                     f"{four['refresh_counts']}.")
+    if four and thirty_two:
+        ratio = thirty_two["preconditioner_B_per_param"] / four["preconditioner_B_per_param"]
+        lines.append(f"- preconditioner state 32-bit / 4-bit = {ratio:.2f}x.")
+    lines += ["", "## Fused dequant-matmul (fused=True) vs decode + cuBLAS, 144 blocks of 1024 x 1024", "",
+              markdown_table(result["tiles"], [("kernel", "kernel", "s"), ("tiles", "BM,BN,BK,warps,stages", "s"),
+                                               ("chosen", "chosen", "s"), ("ms", "ms", ".3f"),
+                                               ("tflops", "TFLOP/s", ".0f"), ("error", "error", "s")]), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    rows = [r for r in result["optimizers"] if "error" not in r]
+    names = [r["name"] for r in rows]
+    grouped_bar_plot(path, f"Shampoo, {result['numel'] / 1e6:.0f}M params — {result['environment'].get('device')}",
+                     names, {"amortized ms/step": [r.get("amortized_ms") for r in rows],
+                             "allocated state B/param": [r.get("allocated_B_per_param") for r in rows]},
+                     "ms  |  bytes/param", reference=(10.0, "target 10 ms (4-bit)"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--plot", help="redraw the PNG from this result JSON and exit")
+    parser.add_argument("--only", help="run only optimizers whose name contains this")
+    args = parser.parse_args()
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        plot(result, str(Path(args.plot).with_suffix(".png")))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    result = {"environment": environment(), "layers": args.layers,
+              "numel": sum(torch.Size(s).numel() for s in layer_shapes(args.layers))}
+    print(json.dumps(result["environment"]), flush=True)
+    try:
+        result["tiles"] = sweep_tiles()
+    except Exception:
+        traceback.print_exc()
+        result["tiles"] = [{"kernel": "sweep", "error": traceback.format_exc(limit=3)[-300:]}]
+    print(json.dumps(result["tiles"]), flush=True)
+    benches = [("torch AdamW fused", lambda: bench_adamw(args.layers)),
+               ("ours Shampoo 4-bit", lambda: bench_ours(args.layers, 4)),
+               ("ours Shampoo 32-bit", lambda: bench_ours(args.layers, 32)),
+               ("Distributed Shampoo", lambda: bench_distributed_shampoo(args.layers))]
+    result["optimizers"] = []
+    for name, bench in benches:
+        if args.only and args.only not in name:
+            continue
+        try:
+            row = bench()
+        except Exception as error:
+            traceback.print_exc()
+            row = {"name": name, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        result["optimizers"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("times_ms")}), flush=True)
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    write_json(str(out / "shampoo.json"), result)
+    (out / "shampoo.md").write_text(report(result))
+    print(report(result))
+    try:
+        plot(result, str(out / "shampoo.png"))
+    except Exception as error:  # matplotlib may be missing on the GPU machine: redraw later with --plot
+        print(f"no plot: {error!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,868 @@
+"""Shampoo with 4-bit eigenvector state (Wang et al., "4-bit Shampoo for Memory-Efficient Network Training",
+NeurIPS 2024, arXiv 2405.18144), batched over same-shape blocks (one batch per block shape across all parameters),
+with an optional fused path whose matmuls decode the 4-bit operand in registers (``templates/shampoo.py``).
+
+**Algorithm** (per matrix parameter, after squeezing size-1 dims and reshaping to ``(d0, rest)``, cut into blocks of
+at most ``max_preconditioner_dim`` along each dim; every block ``G`` (m x n) has a left factor of order m and a right
+factor of order n; step ``t`` counts from 1):
+
+* statistics, every ``precondition_frequency`` (T1) steps, each factor: ``V = bjorck(D(codes), 1)`` (rows are
+  eigenvectors), ``A = β Vᵀ diag(λ) V + (1-β) M`` with ``M = G Gᵀ`` (left) / ``Gᵀ G`` (right) of that step's gradient,
+  one warm-started subspace iteration ``Q = qr((A + δ‖A‖_F I) Vᵀ).Q`` (δ = 1e-6 keeps the QR full rank, see
+  ``warm_start``), ``λ = diag(Qᵀ A Q)``, eigenpairs sorted by decreasing ``λ``, ``codes = Q(Qᵀ)``. With
+  ``ema_every_step=True`` (the Distributed-Shampoo regime) ``S = β S + (1-β) M`` is accumulated at every step in an
+  fp32 buffer and the refresh uses ``A = β^T1 Vᵀ diag(λ) V + S``.
+* inverse root, every ``inverse_root_frequency`` (T2) steps: ``V = bjorck(D(codes), 4)``,
+  ``Â = Vᵀ diag((λ + ε λ_max)^-1/4) V`` stored as its fp32 diagonal plus its 4-bit off-diagonal (ε relative).
+* every step: ``Ĝ = Â_L G Â_R`` per block, ``G̃ = Ĝ ‖G‖_F / ‖Ĝ‖_F`` over the whole parameter (grafting), then the
+  first-order rule (AdamW or SGD with momentum) on ``G̃``. 1-D parameters and parameters under
+  ``min_precondition_numel`` elements take the first-order rule on ``G`` alone. The products run either fused
+  (``fused=True``: the Triton templates decode the 4-bit operand tile by tile in registers, one launch per product
+  for the whole batch) or, by default, per chunk of blocks as decode-to-fp32 + cuBLAS batched matmuls, which is
+  faster on an H100 today (see ``fused``).
+
+Quantized matrices are stored row by row in ``Q4(map="linear2")`` (64-element blocks, fp32 absmax), each row padded
+to whole blocks so a block never crosses rows (odd orders work). Factors of order < 64 (fewer than 4096 entries)
+keep fp32 matrices, as in the reference. ``bits=32`` runs the same code with every matrix in fp32.
+
+**Stored inverse root, not ``U diag(λ^-1/4) Uᵀ`` on the fly.** Per factor of order n and per step, with G of n x k:
+
+* stored Â (4-bit off-diagonal + fp32 diagonal): one n x n by n x k product, ``2 n² k`` FLOPs, reading
+  ``n²/2 + n²/16 + 4n`` bytes of state.
+* on the fly: two products (``Uᵀ G``, then ``U (diag · Uᵀ G)``), ``4 n² k`` FLOPs, reading the codes twice
+  (``2 (n²/2 + n²/16) + 4n`` bytes). Its state is no smaller: the inverse root refreshes every T2 steps from the
+  T1-refreshed statistics, so the per-step path needs its own snapshot of the eigenbasis (another ``9n²/16 + 4n``
+  bytes, the same as the stored Â); and once that Björck-rectified snapshot is re-quantized to 4 bits the
+  rectification is lost, so it is no more accurate than the stored Â (paper Table 1: rectified U + quantized B
+  NRE 0.047 / 0.094 vs unrectified U 0.054 / 0.094).
+
+The preconditioning matmuls are compute-bound (for the 151M-parameter benchmark stack 0.62 TFLOP per step stored vs
+1.24 TFLOP on the fly, against ~170 MB of 4-bit state read), so the stored root halves the per-step cost at equal
+memory and equal accuracy.
+
+**Robustness, without host synchronisation.** A refreshed eigenbasis is accepted per block only if it is finite and
+``max |QᵀQ - I| <= 1e-3``; the ``max_fallbacks`` worst blocks of each refresh chunk are recomputed in fp64 (and, with
+``eigh_fallback=True``, by ``torch.linalg.eigh``, which checks its LAPACK status on the host: one synchronisation
+per refresh). Rejected blocks keep their previous basis and eigenvalues; a non-finite inverse root keeps the previous
+root. A parameter whose gradient is not finite (or whose ``‖G‖`` overflows fp32) takes a zero direction: its
+first-order state decays as for a zero gradient, and it never becomes NaN. All selection is done with masks on the
+device; the only Python branches are on the step counter.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import torch
+from torch.optim.adamw import adamw as torch_adamw
+from torch.optim.sgd import sgd as torch_sgd
+
+from .. import ops  # noqa: F401  (registers torch.ops.lowbit.dequant / requant_)
+from ..formats import Q4, Q8, Quantized, decode, encode
+from . import rules
+
+GRAFTINGS = ("adamw", "sgd")
+SHAMPOO_BITS = (4, 32)
+FIRST_ORDER_BITS = (32, 8, 4)
+ORTHOGONALITY_TOLERANCE = 1e-3
+RANK_SHIFT = 1e-6
+EIGENVECTOR_FORMAT = Q4(map="linear2")
+_GRAFT_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Blocking
+# --------------------------------------------------------------------------------------------------------------
+def matrix_shape(shape) -> tuple[int, int] | None:
+    """``(d0, rest)`` of a parameter after dropping size-1 dims, or None when fewer than two dims remain."""
+    dims = [s for s in shape if s != 1]
+    if len(dims) < 2:
+        return None
+    return dims[0], math.prod(dims[1:])
+
+
+def _cuts(size: int, max_dim: int) -> list[tuple[int, int]]:
+    return [(start, min(max_dim, size - start)) for start in range(0, size, max_dim)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One preconditioner block: rows ``row:row+rows`` and columns ``col:col+cols`` of parameter ``param``'s
+    ``(d0, rest)`` matrix."""
+
+    param: int
+    row: int
+    rows: int
+    col: int
+    cols: int
+
+    def of(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix[self.row:self.row + self.rows, self.col:self.col + self.cols]
+
+
+def partition(shape2d: tuple[int, int], max_dim: int, param: int = 0) -> list[Block]:
+    """Blocks of at most ``max_dim`` along each dim, the last one along a dim taking the remainder."""
+    return [Block(param, r, rs, c, cs) for r, rs in _cuts(shape2d[0], max_dim) for c, cs in _cuts(shape2d[1], max_dim)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Refresh math (pure torch, batched over the leading dim)
+# --------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """fp32 matmuls of torch inside the block run with TF32 (``"tf32"``) or exact fp32 products (``"ieee"``)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def bjorck(v: torch.Tensor, steps: int, precision: str = "ieee", kernel: bool = False) -> torch.Tensor:
+    """``steps`` Björck steps ``V <- 1.5 V - 0.5 V Vᵀ V`` on every matrix of an fp32 ``(batch, n, n)`` tensor: torch
+    matmuls in ``precision``, or with ``kernel`` (CUDA only) the Triton template ``bjorck_step``."""
+    if kernel and v.device.type == "cuda":
+        from ..templates.shampoo import bjorck_step
+        for _ in range(steps):
+            v = bjorck_step(v, precision)
+        return v
+    with matmul_precision(precision):
+        for _ in range(steps):
+            v = 1.5 * v - 0.5 * (v @ v.mT) @ v
+    return v
+
+
+def rebuild_factor(rows: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """``Vᵀ diag(λ) V`` for eigenvectors stored as the rows of ``V``."""
+    return (rows.mT * eigenvalues[:, None, :]) @ rows
+
+
+def warm_start(factor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(A + δ ‖A‖_F I) Vᵀ``: one step of subspace iteration from the eigenvectors in the rows of V. The shift
+    (δ = 1e-6, far below the inverse root's ridge) leaves the eigenvectors unchanged and keeps the result full rank, so
+    the Cholesky-based QR never meets an exactly rank-deficient panel (a right factor GᵀG of a wide block, eigenvalues
+    decayed to 0)."""
+    shift = RANK_SHIFT * torch.linalg.matrix_norm(factor)
+    return factor @ rows.mT + shift[:, None, None] * rows.mT
+
+
+def orthonormal_basis(y: torch.Tensor, panel: int = 128) -> torch.Tensor:
+    """Q of the QR decomposition ``Y = Q R`` with ``diag(R) > 0`` (the unique one), for a batch of square matrices.
+
+    Block Gram-Schmidt over column panels, each projection done twice ("twice is enough"), each panel made
+    orthonormal by two Cholesky-QR passes whose Gram matrix, Cholesky factor and triangular solve run in fp64 (exact
+    for condition numbers up to ~1e7; ``warm_start`` keeps Y there).
+    Everything is a batched matmul or a small batched factorisation (``panel`` columns), so it costs a few bmm of the
+    whole batch instead of one Householder QR per block, and nothing checks a status on the host. Columns that are
+    numerically dependent fail the orthogonality test of the refresh (which then keeps the previous basis). Columns
+    are scaled to unit norm first (Q does not change; the Gram matrices stay well scaled)."""
+    y = y / y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    q = torch.empty_like(y)
+    n = y.shape[-1]
+    for start in range(0, n, panel):
+        block = y[..., start:start + panel]
+        if start:
+            previous = q[..., :start]
+            for _ in range(2):
+                block = block - previous @ (previous.mT @ block)
+        block = block.double()
+        for _ in range(2):
+            gram = block.mT @ block
+            shift = 1e-14 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+            gram = gram + shift[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            lower, _ = torch.linalg.cholesky_ex(gram)
+            block = torch.linalg.solve_triangular(lower.mT, block, upper=True, left=False)
+        q[..., start:start + panel] = block.to(q.dtype)
+    return q
+
+
+def rayleigh_sorted(a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q', λ)``: ``λ = diag(Qᵀ A Q)`` clamped at 0 (A is positive semi-definite) and the columns of Q sorted by
+    decreasing λ."""
+    eigenvalues = (q * (a @ q)).sum(dim=-2)
+    eigenvalues, order = eigenvalues.sort(dim=-1, descending=True)
+    return q.gather(-1, order[:, None, :].expand_as(q)), eigenvalues.clamp_min(0)
+
+
+def orthogonality_error(q: torch.Tensor) -> torch.Tensor:
+    """``max |QᵀQ - I|`` per matrix."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return (q.mT @ q - eye).abs().amax(dim=(-2, -1))
+
+
+def inverse_fourth_root(rows: torch.Tensor, eigenvalues: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``Vᵀ diag((λ + ε λ_max)^-1/4) V`` (eigenvectors as the rows of V; ε relative to the largest eigenvalue)."""
+    eigenvalues = eigenvalues.clamp_min(0)
+    floor = epsilon * eigenvalues.amax(dim=-1, keepdim=True)
+    return rebuild_factor(rows, (eigenvalues + floor).pow(-0.25))
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Factor storage
+# --------------------------------------------------------------------------------------------------------------
+def _encode_rows(x: torch.Tensor, fmt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes and absmax of every row of ``(batch, rows, cols)`` fp32 matrices, rows padded to whole blocks."""
+    from ..templates.shampoo import padded_row_length
+    count, rows, cols = x.shape
+    padded = padded_row_length(cols, fmt)
+    full = torch.nn.functional.pad(x, (0, padded - cols))
+    if x.device.type == "cuda":
+        from ..templates.codecs import quantize_into
+        codes = torch.empty(count, rows, padded // 2, dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(count, rows, padded // fmt.block, dtype=torch.float32, device=x.device)
+        quantize_into(full, codes, absmax, fmt)
+        return codes, absmax
+    codes, absmax = encode(full, fmt)
+    return codes.view(count, rows, padded // 2), absmax.view(count, rows, padded // fmt.block)
+
+
+def _decode_rows(q) -> torch.Tensor:
+    """fp32 ``(batch, rows, cols)`` values of ``QuantizedRows``."""
+    count, rows = q.batch, q.rows
+    padded = q.codes.shape[2] * 2
+    if q.codes.device.type == "cuda":
+        from ..templates.codecs import dequantize_into
+        full = torch.empty(count, rows, padded, dtype=torch.float32, device=q.codes.device)
+        dequantize_into(q.codes, q.absmax, q.fmt, full)
+    else:
+        full = decode(q.codes.reshape(-1), q.absmax.reshape(-1), q.fmt, count * rows * padded).view(count, rows, padded)
+    return full[..., :q.cols]
+
+
+class FactorSide:
+    """The left or right Kronecker factors of one batch of same-shape blocks (``count`` factors of order ``order``):
+    eigenvectors as rows (sorted by decreasing eigenvalue) + fp32 eigenvalues, the inverse root as fp32 diagonal +
+    off-diagonal matrix, and with ``ema`` the fp32 running statistics of the Distributed-Shampoo regime. Matrices are
+    ``QuantizedRows`` when ``fmt`` is given, fp32 ``(count, order, order)`` tensors otherwise."""
+
+    def __init__(self, count: int, order: int, fmt: Quantized | None, epsilon: float, ema: bool,
+                 device: torch.device):
+        from ..templates.shampoo import QuantizedRows
+        self.count, self.order, self.fmt = count, order, fmt
+        eye = torch.eye(order, dtype=torch.float32, device=device).expand(count, order, order)
+        zeros = torch.zeros(count, order, order, dtype=torch.float32, device=device)
+        if fmt is None:
+            self.eigenvectors = eye.contiguous()
+            self.root_offdiagonal = zeros
+        else:
+            self.eigenvectors = QuantizedRows(*_encode_rows(eye, fmt), fmt, order)
+            self.root_offdiagonal = QuantizedRows(*_encode_rows(zeros, fmt), fmt, order)
+        self.eigenvalues = torch.full((count, order), float(epsilon), dtype=torch.float32, device=device)
+        self.root_diagonal = torch.ones(count, order, dtype=torch.float32, device=device)
+        self.ema = zeros.clone() if ema else None
+
+    def blocks(self, start: int, end: int) -> "FactorSide":
+        """The factors of blocks ``start:end``, sharing this side's storage (stores write through)."""
+        return self.selected(lambda t: t[start:end])
+
+    def selected(self, select: Callable[[torch.Tensor], torch.Tensor]) -> "FactorSide":
+        """The factors picked by ``select`` along the block dim (a slice shares storage; an index copies)."""
+        from ..templates.shampoo import QuantizedRows
+        part = object.__new__(FactorSide)
+        part.order, part.fmt = self.order, self.fmt
+        for name in ("eigenvectors", "root_offdiagonal"):
+            stored = getattr(self, name)
+            if isinstance(stored, torch.Tensor):
+                setattr(part, name, select(stored))
+            else:
+                setattr(part, name, QuantizedRows(select(stored.codes).contiguous(),
+                                                  select(stored.absmax).contiguous(), stored.fmt, stored.cols))
+        part.eigenvalues = select(self.eigenvalues)
+        part.root_diagonal = select(self.root_diagonal)
+        part.ema = None if self.ema is None else select(self.ema)
+        part.count = part.eigenvalues.shape[0]
+        return part
+
+    def root_offdiagonal_matrices(self) -> torch.Tensor:
+        return self._matrices(self.root_offdiagonal)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by state name; the leading dim indexes the blocks."""
+        out = {}
+        for name, matrix in (("eigenvectors", self.eigenvectors), ("root_offdiagonal", self.root_offdiagonal)):
+            if self.fmt is None:
+                out[name] = matrix
+            else:
+                out[f"{name}.codes"], out[f"{name}.absmax"] = matrix.codes, matrix.absmax
+        out["eigenvalues"] = self.eigenvalues
+        out["root_diagonal"] = self.root_diagonal
+        if self.ema is not None:
+            out["factor_ema"] = self.ema
+        return out
+
+    def preconditioner_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name != "factor_ema")
+
+    @staticmethod
+    def _matrices(stored) -> torch.Tensor:
+        return stored if isinstance(stored, torch.Tensor) else _decode_rows(stored)
+
+    def eigenvector_rows(self) -> torch.Tensor:
+        return self._matrices(self.eigenvectors).contiguous()
+
+    @staticmethod
+    def _store(stored, values: torch.Tensor, ok: torch.Tensor) -> None:
+        keep = ok[:, None, None]
+        if isinstance(stored, torch.Tensor):
+            stored.copy_(torch.where(keep, values, stored))
+            return
+        codes, absmax = _encode_rows(values, stored.fmt)
+        stored.codes.copy_(torch.where(keep, codes, stored.codes))
+        stored.absmax.copy_(torch.where(keep, absmax, stored.absmax))
+
+    def store_eigenbasis(self, rows: torch.Tensor, eigenvalues: torch.Tensor, ok: torch.Tensor) -> None:
+        self._store(self.eigenvectors, rows, ok)
+        self.eigenvalues.copy_(torch.where(ok[:, None], eigenvalues, self.eigenvalues))
+
+    def store_root(self, root: torch.Tensor, ok: torch.Tensor) -> None:
+        diagonal = root.diagonal(dim1=-2, dim2=-1)
+        self._store(self.root_offdiagonal, root - torch.diag_embed(diagonal), ok)
+        self.root_diagonal.copy_(torch.where(ok[:, None], diagonal, self.root_diagonal))
+
+
+class BlockBatch:
+    """All blocks of one shape ``rows x cols`` (and one gradient dtype) across the parameters, in parameter order (a
+    parameter's blocks of this shape are consecutive), with their left and right factors."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, blocks: list[Block], bits: int, epsilon: float,
+                 ema: bool, device: torch.device):
+        self.rows, self.cols, self.dtype, self.blocks = rows, cols, dtype, blocks
+        self.left = FactorSide(len(blocks), rows, self._format(rows, bits), epsilon, ema, device)
+        self.right = FactorSide(len(blocks), cols, self._format(cols, bits), epsilon, ema, device)
+        self._tables: tuple | None = None
+
+    @staticmethod
+    def _format(order: int, bits: int) -> Quantized | None:
+        return EIGENVECTOR_FORMAT if bits == 4 and EIGENVECTOR_FORMAT.stores_quantized(order * order) else None
+
+    @property
+    def key(self) -> str:
+        suffix = "" if self.dtype == torch.float32 else "_" + str(self.dtype).removeprefix("torch.")
+        return f"blocks{self.rows}x{self.cols}{suffix}"
+
+    def param_range(self, param: int) -> tuple[int, int] | None:
+        indices = [i for i, block in enumerate(self.blocks) if block.param == param]
+        return (indices[0], indices[-1] + 1) if indices else None
+
+    def cached_tables(self, key: tuple, build: Callable[[], tuple]) -> tuple:
+        """Pointer tables for this step's gradients and directions, rebuilt only when an address changed."""
+        if self._tables is None or self._tables[0] != key:
+            self._tables = (key, build())
+        return self._tables[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------------------------
+class Shampoo(torch.optim.Optimizer):
+    """Shampoo with 4-bit (``bits=4``) or fp32 (``bits=32``) preconditioner state; see the module docstring.
+
+    Args:
+        params: parameters or param groups (groups may override the first-order hyperparameters).
+        lr: learning rate of the grafted first-order rule.
+        bits: 4 (eigenvectors and inverse-root off-diagonal in 4 bits) or 32.
+        max_preconditioner_dim: largest block side.
+        precondition_frequency: T1, steps between statistics refreshes.
+        inverse_root_frequency: T2, steps between inverse-root refreshes.
+        beta: decay of the factor statistics.
+        epsilon: ridge of the inverse root, relative to the largest eigenvalue (also the initial eigenvalue).
+        grafting: "adamw" (betas, eps, weight_decay decoupled) or "sgd" (momentum, nesterov, weight_decay as L2).
+        first_order_bits: 32 (torch's fused kernels), 8 or 4 (``lbc.optim.rules`` over quantized state).
+        ema_every_step: accumulate the factor statistics at every step (Distributed-Shampoo regime; an fp32
+            ``order x order`` buffer per factor) instead of sampling one gradient every T1 steps.
+        statistics_bjorck_steps, root_bjorck_steps: t1 and t2.
+        min_precondition_numel: parameters with fewer elements take the first-order rule alone.
+        max_fallbacks: blocks per factor side and refresh chunk recomputed in fp64 when rejected.
+        eigh_fallback: also try ``torch.linalg.eigh`` on those blocks (costs one host sync per refresh).
+        precision: "tf32" or "ieee" for the per-step preconditioning matmuls.
+        qr_panel: column panel of the batched QR.
+        chunk_blocks: blocks refreshed (and, unfused, preconditioned) together; bounds temporary memory.
+        fused: run the per-step products and Björck with the Triton templates, the 4-bit operand decoded in
+            registers (one launch per product per batch, no fp32 copy of a root in memory). Off by default: on an
+            H100 (benchmarks/results/shampoo.md) they reach 15-35 TFLOP/s against 280 for decoding to a transient
+            fp32 workspace (per chunk) and multiplying with cuBLAS in TF32.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, *, bits: int = 4, max_preconditioner_dim: int = 1024,
+                 precondition_frequency: int = 100, inverse_root_frequency: int = 500, beta: float = 0.95,
+                 epsilon: float = 1e-4, grafting: str = "adamw", betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
+                 first_order_bits: int = 32, ema_every_step: bool = False, statistics_bjorck_steps: int = 1,
+                 root_bjorck_steps: int = 4, min_precondition_numel: int = 4096, max_fallbacks: int = 1,
+                 eigh_fallback: bool = False, precision: str = "tf32", qr_panel: int = 128, chunk_blocks: int = 16,
+                 fused: bool = False):
+        checks = [
+            ("bits", bits in SHAMPOO_BITS, f"one of {SHAMPOO_BITS}"),
+            ("first_order_bits", first_order_bits in FIRST_ORDER_BITS, f"one of {FIRST_ORDER_BITS}"),
+            ("grafting", grafting in GRAFTINGS, f"one of {GRAFTINGS}"),
+            ("precision", precision in ("tf32", "ieee"), "'tf32' or 'ieee'"),
+            ("lr", lr >= 0, ">= 0"),
+            ("max_preconditioner_dim", isinstance(max_preconditioner_dim, int) and max_preconditioner_dim >= 1,
+             "an int >= 1"),
+            ("precondition_frequency", isinstance(precondition_frequency, int) and precondition_frequency >= 1,
+             "an int >= 1"),
+            ("inverse_root_frequency", isinstance(inverse_root_frequency, int) and inverse_root_frequency >= 1,
+             "an int >= 1"),
+            ("beta", 0.0 <= beta < 1.0, "in [0, 1)"),
+            ("epsilon", epsilon > 0, "> 0"),
+            ("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two values in [0, 1)"),
+            ("eps", eps >= 0, ">= 0"),
+            ("weight_decay", weight_decay >= 0, ">= 0"),
+            ("momentum", 0.0 <= momentum < 1.0, "in [0, 1)"),
+            ("statistics_bjorck_steps", statistics_bjorck_steps >= 0, ">= 0"),
+            ("root_bjorck_steps", root_bjorck_steps >= 0, ">= 0"),
+            ("min_precondition_numel", min_precondition_numel >= 0, ">= 0"),
+            ("max_fallbacks", max_fallbacks >= 0, ">= 0"),
+            ("qr_panel", qr_panel >= 1, ">= 1"),
+            ("chunk_blocks", chunk_blocks >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"Shampoo: {name} must be {expected}, got {locals()[name]!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError("Shampoo: nesterov=True needs momentum > 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        nesterov=nesterov)
+        self.bits, self.grafting, self.first_order_bits = bits, grafting, first_order_bits
+        self.max_preconditioner_dim = max_preconditioner_dim
+        self.precondition_frequency, self.inverse_root_frequency = precondition_frequency, inverse_root_frequency
+        self.beta, self.epsilon, self.ema_every_step = beta, epsilon, ema_every_step
+        self.statistics_bjorck_steps, self.root_bjorck_steps = statistics_bjorck_steps, root_bjorck_steps
+        self.min_precondition_numel, self.max_fallbacks = min_precondition_numel, max_fallbacks
+        self.eigh_fallback, self.precision, self.qr_panel = eigh_fallback, precision, qr_panel
+        self.chunk_blocks, self.fused = chunk_blocks, fused
+        # Björck, the rebuilt factor, the new statistics and the warm start feed a factor whose 4-bit eigenvectors carry
+        # ~5% entry error, which swamps TF32's 1e-3; the fp32 baseline keeps exact fp32 products. The QR's
+        # projections, the Rayleigh quotients and the orthogonality test always multiply in exact fp32.
+        self.refresh_precision = "tf32" if bits == 4 else "ieee"
+        self._initialised = False
+        super().__init__(params, defaults)
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        self._check_params()
+        self._step = 0
+        self._build_batches()
+        for index, param in enumerate(self._params):
+            self.state[param] = self._initial_state(index, param)
+        self.counters = {name: torch.zeros((), dtype=torch.int64, device=self._device)
+                         for name in ("rejected_blocks", "fallback_blocks", "rejected_roots")}
+        self._initialised = True
+
+    # ------------------------------------------------------------------ set-up
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialised", False):
+            raise RuntimeError("Shampoo: parameter groups cannot be added after construction (blocks of every "
+                               "parameter are batched together when the optimizer is built)")
+        super().add_param_group(param_group)
+
+    def _check_params(self) -> None:
+        if not self._params:
+            raise ValueError("Shampoo: got an empty parameter list")
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"Shampoo: all parameters must be on one device, got {sorted(map(str, devices))}")
+        self._device = devices.pop()
+        for i, p in enumerate(self._params):
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"Shampoo: parameter {i} has dtype {p.dtype}; expected float32, bfloat16 or float16")
+            if not p.is_contiguous():
+                raise ValueError(f"Shampoo: parameter {i} is not contiguous")
+
+    def _is_preconditioned(self, param: torch.Tensor) -> bool:
+        return matrix_shape(param.shape) is not None and param.numel() >= self.min_precondition_numel
+
+    def _build_batches(self) -> None:
+        self._shapes2d: list[tuple[int, int] | None] = []
+        by_shape: dict[tuple, list[Block]] = {}
+        for index, param in enumerate(self._params):
+            shape2d = matrix_shape(param.shape) if self._is_preconditioned(param) else None
+            self._shapes2d.append(shape2d)
+            if shape2d is None:
+                continue
+            for block in partition(shape2d, self.max_preconditioner_dim, index):
+                by_shape.setdefault((block.rows, block.cols, str(param.dtype)), []).append(block)
+        self.batches = [BlockBatch(rows, cols, self._params[blocks[0].param].dtype, blocks, self.bits, self.epsilon,
+                                   self.ema_every_step, self._device)
+                        for (rows, cols, _), blocks in sorted(by_shape.items())]
+
+    def _first_order_formats(self, numel: int) -> dict:
+        names = {"adamw": {"exp_avg": True, "exp_avg_sq": False}, "sgd": {"momentum_buffer": True}}[self.grafting]
+        if self.first_order_bits == 32:
+            return {name: None for name in names}
+        formats = {name: self._first_order_format(name) for name in names}
+        return {name: (fmt if fmt.stores_quantized(numel) else None) for name, fmt in formats.items()}
+
+    def _initial_state(self, index: int, param: torch.Tensor) -> dict:
+        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
+        for name, fmt in self._first_order_formats(param.numel()).items():
+            if fmt is None:
+                dtype = param.dtype if self.first_order_bits == 32 else torch.float32
+                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+            else:
+                codes, absmax = encode(torch.zeros(param.numel(), device=param.device), fmt)
+                state[f"{name}.codes"], state[f"{name}.absmax"] = codes, absmax
+        for batch in self.batches:
+            span = batch.param_range(index)
+            if span is None:
+                continue
+            for side_name, side in (("left", batch.left), ("right", batch.right)):
+                for name, tensor in side.tensors().items():
+                    state[f"{batch.key}.{side_name}.{name}"] = tensor[span[0]:span[1]]
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for p in self._params]
+        for i, g in enumerate(grads):
+            if g is not None and (g.is_sparse or g.shape != self._params[i].shape):
+                raise ValueError(f"Shampoo: parameter {i} has a sparse gradient or one of shape "
+                                 f"{tuple(g.shape)} != {tuple(self._params[i].shape)}")
+        if all(g is None for g in grads):
+            return loss
+        self._step += 1
+        grads2d = [None if g is None or shape is None else g.reshape(shape)
+                   for g, shape in zip(grads, self._shapes2d)]
+        if self.ema_every_step:
+            self._accumulate_statistics(grads2d)
+        if self._step % self.precondition_frequency == 0:
+            self._refresh_statistics(grads2d)
+        if self._step % self.inverse_root_frequency == 0:
+            self._refresh_roots()
+        directions = self._directions(grads, grads2d)
+        self._first_order_step(directions)
+        return loss
+
+    # ------------------------------------------------------------------ statistics
+    @staticmethod
+    def _stacked_blocks(blocks: list[Block], grads2d, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(count, rows, cols)`` gradient blocks (zeros where there is no gradient or it is not finite) and the
+        mask of blocks with a finite gradient."""
+        stacked, present = [], []
+        for block in blocks:
+            grad = grads2d[block.param]
+            present.append(grad is not None)
+            stacked.append(torch.zeros(block.rows, block.cols, device=device) if grad is None else block.of(grad))
+        stacked = torch.stack(stacked).to(torch.float32)
+        ok = _all_finite(stacked) & torch.tensor(present).to(device, non_blocking=True)
+        return torch.where(ok[:, None, None], stacked, 0.0), ok
+
+    def _accumulate_statistics(self, grads2d) -> None:
+        with matmul_precision("ieee"):
+            for batch in self.batches:
+                for start, end in self._chunks(len(batch.blocks)):
+                    g, _ = self._stacked_blocks(batch.blocks[start:end], grads2d, self._device)
+                    batch.left.ema[start:end].baddbmm_(g, g.mT, beta=self.beta, alpha=1 - self.beta)
+                    batch.right.ema[start:end].baddbmm_(g.mT, g, beta=self.beta, alpha=1 - self.beta)
+
+    def _chunks(self, count: int):
+        """Ranges of at most ``chunk_blocks`` blocks: a refresh holds ~10 fp32 matrices per block at once."""
+        return [(start, min(start + self.chunk_blocks, count)) for start in range(0, count, self.chunk_blocks)]
+
+    def _refresh_statistics(self, grads2d) -> None:
+        with matmul_precision("ieee"):
+            for batch in self.batches:
+                for start, end in self._chunks(len(batch.blocks)):
+                    left, right = batch.left.blocks(start, end), batch.right.blocks(start, end)
+                    if self.ema_every_step:
+                        decay = self.beta ** self.precondition_frequency
+                        usable = torch.ones(end - start, dtype=torch.bool, device=self._device)
+                        for side in (left, right):
+                            self._refresh_side(side, side.ema, decay, usable)
+                            side.ema.zero_()
+                    else:
+                        g, ok = self._stacked_blocks(batch.blocks[start:end], grads2d, self._device)
+                        with matmul_precision(self.refresh_precision):
+                            left_update, right_update = (1 - self.beta) * (g @ g.mT), (1 - self.beta) * (g.mT @ g)
+                        del g
+                        self._refresh_side(left, left_update, self.beta, ok)
+                        self._refresh_side(right, right_update, self.beta, ok)
+
+    def _refresh_side(self, side: FactorSide, update: torch.Tensor, decay: float, usable: torch.Tensor) -> None:
+        rows = bjorck(side.eigenvector_rows(), self.statistics_bjorck_steps, self.refresh_precision, self.fused)
+        with matmul_precision(self.refresh_precision):
+            factor = decay * rebuild_factor(rows, side.eigenvalues) + update
+            factor = 0.5 * (factor + factor.mT)
+            warm = warm_start(factor, rows)
+        q, eigenvalues = rayleigh_sorted(factor, orthonormal_basis(warm, self.qr_panel))
+        error = orthogonality_error(q)
+        ok = _all_finite(q) & torch.isfinite(eigenvalues).all(dim=1) & (error <= ORTHOGONALITY_TOLERANCE)
+        q, eigenvalues, ok = self._fall_back(factor, rows, q, eigenvalues, ok, error)
+        ok = ok & usable
+        self.counters["rejected_blocks"] += (~ok).sum()
+        side.store_eigenbasis(q.mT, eigenvalues, ok)
+
+    def _fall_back(self, factor, rows, q, eigenvalues, ok, error):
+        """Recompute the ``max_fallbacks`` worst blocks of the chunk in fp64 (and by eigh if enabled); blocks that
+        pass replace rejected ones. Static shapes, no host sync (except inside eigh)."""
+        count = min(self.max_fallbacks, q.shape[0])
+        if count == 0:
+            return q, eigenvalues, ok
+        badness = torch.where(ok, -1.0, torch.nan_to_num(error, nan=math.inf))
+        index = badness.topk(count).indices
+        a = factor[index].double()
+        y = warm_start(a, rows[index].double())
+        finite = _all_finite(a) & _all_finite(y)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = torch.where(finite[:, None, None], a, eye)
+        y = torch.where(finite[:, None, None], y, eye)
+        candidate, candidate_values = rayleigh_sorted(a, orthonormal_basis(y, self.qr_panel))
+        candidate_ok = finite & _all_finite(candidate) & (orthogonality_error(candidate) <= ORTHOGONALITY_TOLERANCE)
+        if self.eigh_fallback:
+            values, vectors = torch.linalg.eigh(a)
+            values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+            use_eigh = ~candidate_ok & finite & _all_finite(vectors)
+            candidate = torch.where(use_eigh[:, None, None], vectors, candidate)
+            candidate_values = torch.where(use_eigh[:, None], values, candidate_values)
+            candidate_ok = candidate_ok | use_eigh
+        take = ~ok[index] & candidate_ok
+        q = q.index_copy(0, index, torch.where(take[:, None, None], candidate.to(q.dtype), q[index]))
+        eigenvalues = eigenvalues.index_copy(
+            0, index, torch.where(take[:, None], candidate_values.to(eigenvalues.dtype), eigenvalues[index]))
+        ok = ok.index_copy(0, index, ok[index] | take)
+        self.counters["fallback_blocks"] += take.sum()
+        return q, eigenvalues, ok
+
+    def _refresh_roots(self) -> None:
+        with matmul_precision("ieee"):
+            for batch in self.batches:
+                for start, end in self._chunks(len(batch.blocks)):
+                    for side in (batch.left.blocks(start, end), batch.right.blocks(start, end)):
+                        rows = bjorck(side.eigenvector_rows(), self.root_bjorck_steps, self.refresh_precision,
+                                      self.fused)
+                        with matmul_precision(self.refresh_precision):
+                            root = inverse_fourth_root(rows, side.eigenvalues, self.epsilon)
+                        ok = _all_finite(root)
+                        self.counters["rejected_roots"] += (~ok).sum()
+                        side.store_root(root, ok)
+
+    # ------------------------------------------------------------------ preconditioning and grafting
+    def _directions(self, grads, grads2d) -> list[torch.Tensor | None]:
+        """The grafted direction of every parameter with a gradient (zeros where the gradient is not finite)."""
+        present = [i for i, g in enumerate(grads) if g is not None]
+        norms = dict(zip(present, torch._foreach_norm([grads[i] for i in present], 2, dtype=torch.float32)))
+        directions: list[torch.Tensor | None] = [None] * len(grads)
+        preconditioned = [i for i in present if grads2d[i] is not None]
+        for i in preconditioned:
+            directions[i] = torch.empty(grads2d[i].shape, dtype=grads[i].dtype, device=grads[i].device)
+        for batch in self.batches:
+            self._precondition(batch, grads2d, directions)
+        if preconditioned:
+            pre_norms = torch._foreach_norm([directions[i] for i in preconditioned], 2, dtype=torch.float32)
+            grad_norms = torch.stack([norms[i] for i in preconditioned])
+            scales = grad_norms / (torch.stack(pre_norms) + _GRAFT_EPS)
+            scales = torch.where(torch.isfinite(grad_norms), scales, 0.0)
+            torch._foreach_mul_([directions[i] for i in preconditioned], list(scales.unbind()))
+        for i in present:
+            if directions[i] is None:
+                directions[i] = torch.where(torch.isfinite(norms[i]), grads[i], 0.0)
+            else:
+                directions[i] = directions[i].view(grads[i].shape)
+        return directions
+
+    def _precondition(self, batch: BlockBatch, grads2d, directions) -> None:
+        """``Ĝ = (diag(a_L) + O_L) G (diag(a_R) + O_R)`` for every block with a gradient, written into the
+        parameter's direction buffer (non-finite results as 0)."""
+        entries = [(i, block) for i, block in enumerate(batch.blocks) if grads2d[block.param] is not None]
+        if not entries:
+            return
+        grad_views = [block.of(grads2d[block.param]) for _, block in entries]
+        out_views = [block.of(directions[block.param]) for _, block in entries]
+        everyone = len(entries) == len(batch.blocks)
+        device = batch.left.eigenvalues.device
+        if not (self.fused and _use_triton(device)):
+            self._precondition_torch(batch, [i for i, _ in entries], grad_views, out_views)
+            return
+        from ..templates.shampoo import batch_table, batched_matmul, pointer_table
+
+        def build():
+            index = None if everyone else torch.tensor([i for i, _ in entries], dtype=torch.int32).to(
+                device, non_blocking=True)
+            return (pointer_table(grad_views, device), pointer_table([v.mT for v in out_views], device), index)
+
+        key = tuple(v.data_ptr() for v in grad_views + out_views) + tuple(i for i, _ in entries)
+        rhs_table, out_table, index = batch.cached_tables(key, build)
+        m, n = batch.rows, batch.cols
+        left_product = torch.empty(len(entries), m, n, dtype=torch.float32, device=device)
+        batched_matmul(batch.left.root_offdiagonal, rhs_table, batch_table(left_product), m, n, m,
+                       diag=batch.left.root_diagonal, lhs_index=index, precision=self.precision,
+                       rhs_dtype=grad_views[0].dtype)
+        # (L G) R is written as its transpose Rᵀ (L G)ᵀ so the quantized operand stays on the left.
+        batched_matmul(batch.right.root_offdiagonal, batch_table(left_product, transposed=True), out_table, n, m, n,
+                       lhs_transposed=True, diag=batch.right.root_diagonal, lhs_index=index, sanitize=True,
+                       precision=self.precision, out_dtype=out_views[0].dtype)
+
+    def _precondition_torch(self, batch: BlockBatch, indices: list[int], grad_views, out_views) -> None:
+        """The unfused products: per chunk of blocks, decode both roots' off-diagonals to fp32 (a transient
+        workspace), ``T = O_L G + a_L * G``, ``Ĝ = T O_R + T * a_R`` with batched matmuls (the diagonals exact in
+        fp32, so an identity root passes G through unchanged)."""
+        device = batch.left.eigenvalues.device
+        with matmul_precision(self.precision):
+            for start, end in self._chunks(len(indices)):
+                chunk = indices[start:end]
+                contiguous = chunk == list(range(chunk[0], chunk[0] + len(chunk)))
+                select = (lambda t: t[chunk[0]:chunk[0] + len(chunk)]) if contiguous else (
+                    lambda t: t[torch.tensor(chunk).to(device, non_blocking=True)])
+                left, right = (side.selected(select) for side in (batch.left, batch.right))
+                g = torch.stack(grad_views[start:end]).to(torch.float32)
+                product = torch.baddbmm(left.root_diagonal[:, :, None] * g, left.root_offdiagonal_matrices(), g)
+                del g
+                out = torch.baddbmm(product * right.root_diagonal[:, None, :], product,
+                                    right.root_offdiagonal_matrices())
+                out = torch.where(torch.isfinite(out), out, 0.0)
+                for view, value in zip(out_views[start:end], out.unbind()):
+                    view.copy_(value)
+
+    # ------------------------------------------------------------------ first-order rule
+    def _first_order_step(self, directions) -> None:
+        index_of = {id(p): i for i, p in enumerate(self._params)}
+        for group in self.param_groups:
+            members = [(p, directions[index_of[id(p)]]) for p in group["params"]
+                       if directions[index_of[id(p)]] is not None]
+            if not members:
+                continue
+            params = [p for p, _ in members]
+            dirs = [d for _, d in members]
+            states = [self.state[p] for p in params]
+            if self.first_order_bits == 32:
+                self._fused_first_order(group, params, dirs, states)
+            else:
+                self._quantized_first_order(group, params, dirs, states)
+
+    def _fused_first_order(self, group, params, dirs, states) -> None:
+        steps = [s["step"] for s in states]
+        fused = params[0].device.type in ("cuda", "cpu")
+        if self.grafting == "adamw":
+            beta1, beta2 = group["betas"]
+            torch_adamw(params, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
+                        foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
+                        beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                        maximize=False)
+        else:
+            torch._foreach_add_(steps, 1)
+            torch_sgd(params, dirs, [s["momentum_buffer"] for s in states], foreach=None if fused else True,
+                      fused=fused or None, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                      lr=group["lr"], dampening=0.0, nesterov=group["nesterov"], maximize=False)
+
+    def _quantized_first_order(self, group, params, dirs, states) -> None:
+        """lbc's rules over dequantized state, hyperparameters as 0-d fp32 tensors (lbc.optim's convention, so the
+        arithmetic is the same as lbc.optim.AdamW / SGD with quantized state)."""
+        names = ("exp_avg", "exp_avg_sq") if self.grafting == "adamw" else ("momentum_buffer",)
+        device = params[0].device
+        hp = {key: torch.full((), float(group[key]), dtype=torch.float32, device=device)
+              for key in ("lr", "eps", "weight_decay", "momentum")}
+        betas = tuple(torch.full((), float(b), dtype=torch.float32, device=device) for b in group["betas"])
+        for p, d, state in zip(params, dirs, states):
+            state["step"] += 1
+            shape = list(p.shape)
+            values = []
+            for name in names:
+                if name in state:
+                    values.append(state[name])
+                else:
+                    values.append(torch.ops.lowbit.dequant(state[f"{name}.codes"], state[f"{name}.absmax"],
+                                                           self._first_order_spec(name), shape))
+            p32, d32 = p.to(torch.float32), d.to(torch.float32)
+            if self.grafting == "adamw":
+                new_p, *new_states = rules.adamw(p32, d32, *values, lr=hp["lr"], betas=betas, eps=hp["eps"],
+                                                 weight_decay=hp["weight_decay"], step=state["step"])
+            else:
+                new_p, *new_states = rules.sgd_momentum(p32, d32, *values, lr=hp["lr"], momentum=hp["momentum"],
+                                                        weight_decay=hp["weight_decay"], nesterov=group["nesterov"],
+                                                        step=state["step"])
+            for name, value in zip(names, new_states):
+                if name in state:
+                    state[name].copy_(value)
+                else:
+                    torch.ops.lowbit.requant_(state[f"{name}.codes"], state[f"{name}.absmax"], value,
+                                              self._first_order_spec(name))
+            p.copy_(new_p)
+
+    def _first_order_format(self, name: str) -> Quantized:
+        """Signed moments in the dynamic map, Adam's non-negative second moment unsigned (4-bit: linear map without
+        zero), as lbc.optim's drop-in classes."""
+        signed = name != "exp_avg_sq"
+        return Q8(signed) if self.first_order_bits == 8 else Q4(signed)
+
+    def _first_order_spec(self, name: str) -> str:
+        return self._first_order_format(name).spec
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group["shampoo_step"] = self._step
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads into the existing state tensors (the batched storage the step reads), keeping their dtypes: torch's
+        default would cast fp32 scales and eigenvalues to a low-precision parameter dtype."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"Shampoo.load_state_dict: {len(saved_groups)} parameter groups saved, "
+                             f"{len(self.param_groups)} in this optimizer")
+        steps = {group.get("shampoo_step") for group in saved_groups}
+        if len(steps) != 1 or not isinstance(next(iter(steps)), int):
+            raise ValueError("Shampoo.load_state_dict: param_groups carry no consistent 'shampoo_step'")
+        saved_ids = [pid for group in saved_groups for pid in group["params"]]
+        if len(saved_ids) != len(self._params):
+            raise ValueError(f"Shampoo.load_state_dict: {len(saved_ids)} parameters saved, {len(self._params)} here")
+        raw = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
+        current = {id(p): self.state[p] for p in self._params}
+        for index, (pid, param) in enumerate(zip(saved_ids, self._params)):
+            target, saved = current[id(param)], raw[pid]
+            if set(saved) != set(target):
+                raise ValueError(f"Shampoo.load_state_dict: parameter {index} saved state keys {sorted(saved)} do "
+                                 f"not match this optimizer's {sorted(target)} (same bits, grafting, blocking?)")
+            for key, tensor in target.items():
+                if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
+                    shown = tuple(saved[key].shape) if isinstance(saved[key], torch.Tensor) else saved[key]
+                    raise ValueError(f"Shampoo.load_state_dict: parameter {index} state {key!r} has shape {shown}, "
+                                     f"expected {tuple(tensor.shape)}")
+        super().load_state_dict(state_dict)
+        for pid, param in zip(saved_ids, self._params):
+            target = current[id(param)]
+            for key, tensor in target.items():
+                tensor.copy_(raw[pid][key])
+            self.state[param] = target
+        self._step = next(iter(steps))
+        for group in self.param_groups:
+            group.pop("shampoo_step", None)
+
+    def state_bytes(self, preconditioner_only: bool = False) -> int:
+        """Bytes of optimizer state (each storage counted once); with ``preconditioner_only`` just the Shampoo
+        factors (eigenvectors, eigenvalues, inverse roots)."""
+        total = sum(side.preconditioner_bytes() for batch in self.batches for side in (batch.left, batch.right))
+        if preconditioner_only:
+            return total
+        total += sum(side.ema.numel() * 4 for batch in self.batches for side in (batch.left, batch.right)
+                     if side.ema is not None)
+        for param in self._params:
+            total += sum(t.numel() * t.element_size() for key, t in self.state[param].items() if "." not in key
+                         or key.split(".")[0] in ("exp_avg", "exp_avg_sq", "momentum_buffer"))
+        return total
+
+    def refresh_counts(self) -> dict[str, int]:
+        """Blocks rejected by statistics refreshes, blocks rescued by the fallback, inverse roots rejected (reads the
+        device counters: synchronises)."""
+        return {name: int(value) for name, value in self.counters.items()}
+
+
+__all__ = ["Shampoo", "Block", "BlockBatch", "FactorSide", "matrix_shape", "partition", "matmul_precision", "bjorck",
+           "rebuild_factor", "warm_start", "orthonormal_basis", "rayleigh_sorted", "orthogonality_error",
+           "inverse_fourth_root", "EIGENVECTOR_FORMAT", "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]
