@@ -1,0 +1,98 @@
+"""The ``torch.compile`` backends: ``backend="lowbit"`` and ``backend="lowbit_aot_eager"``.
+
+``lowbit`` is inductor with the lowbit pass installed as its ``post_grad_custom_pre_pass``: every optimizer-update
+region (dequant -> pointwise math -> requant) becomes one multi-tensor launch of a generated Triton kernel per kernel
+spec, and inductor compiles the rest. ``mode`` and ``options`` are passed to inductor (``mode="reduce-overhead"``
+gives CUDA graphs); options named ``lowbit.*`` configure the pass:
+
+* ``lowbit.stochastic_rounding`` (bool, default False): bf16 parameters/states written with stochastic rounding.
+
+On a CPU without ``TRITON_INTERPRET=1`` the regions are left as ATen (the anchors run their reference code and
+inductor's C++ compiles the arithmetic around them); under the interpreter they run our Triton kernel (tests).
+
+``lowbit_aot_eager`` runs the same pass on the aot-autograd graph and executes it eagerly, without inductor: quick to
+compile and easy to debug.
+"""
+from __future__ import annotations
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+from . import ops  # noqa: F401  (the anchor ops the pass looks for)
+from ._compat import custom_passes, register_dynamo_backend
+from .passes import LowbitPass
+from .templates import fused_update  # noqa: F401  (registers lowbit::fused_update_ for cached graphs too)
+
+PASS_OPTIONS = {"stochastic_rounding": bool}
+
+
+def _split_options(options: dict | None) -> tuple[dict, dict]:
+    """``lowbit.*`` options for our pass, the rest for inductor."""
+    ours, theirs = {}, {}
+    for key, value in (options or {}).items():
+        if key.startswith("lowbit."):
+            name = key[len("lowbit."):]
+            if name not in PASS_OPTIONS:
+                raise ValueError(f"options: unknown lowbit option {key!r}; known: "
+                                 f"{sorted('lowbit.' + k for k in PASS_OPTIONS)}")
+            if not isinstance(value, PASS_OPTIONS[name]):
+                raise TypeError(f"options: {key!r} must be a {PASS_OPTIONS[name].__name__}, got {value!r}")
+            ours[name] = value
+        else:
+            theirs[key] = value
+    return ours, theirs
+
+
+def _mode_options(mode: str | None) -> dict:
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+    modes = list_mode_options()
+    if mode not in modes:
+        raise ValueError(f"mode: unknown mode {mode!r}; known: {sorted(modes)}")
+    return dict(modes[mode])
+
+
+def inductor_config_patches(mode: str | None = None, options: dict | None = None) -> dict:
+    """The inductor configuration ``lowbit_backend`` compiles with: the mode's presets, the user's options, and our
+    pass in front of any ``post_grad_custom_pre_pass`` already configured."""
+    ours, theirs = _split_options(options)
+    patches = {**_mode_options(mode), **theirs}
+    configured = patches.pop("post_grad_custom_pre_pass", torch._inductor.config.post_grad_custom_pre_pass)
+    patches["post_grad_custom_pre_pass"] = LowbitPass(**ours, then=custom_passes(configured))
+    return patches
+
+
+def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """``torch.compile(fn, backend="lowbit", mode=..., options=...)``."""
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(mode, options))
+
+
+def lowbit_aot_eager_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
+                             options: dict | None = None):
+    """``torch.compile(fn, backend="lowbit_aot_eager")``: our pass on the aot-autograd graph, run eagerly."""
+    if mode not in (None, "default"):
+        raise ValueError(f"mode: lowbit_aot_eager runs without inductor and has no modes, got {mode!r}")
+    ours, theirs = _split_options(options)
+    if theirs:
+        raise ValueError(f"options: lowbit_aot_eager takes only lowbit.* options, got {sorted(theirs)}")
+    lowbit_pass = LowbitPass(**ours)
+    from functorch.compile import make_boxed_func
+
+    def compile_with_pass(graph_module: torch.fx.GraphModule, inputs):
+        lowbit_pass(graph_module.graph)
+        graph_module.recompile()
+        return make_boxed_func(graph_module.forward)
+
+    def compile_backward(graph_module: torch.fx.GraphModule, inputs):
+        return make_boxed_func(graph_module.forward)
+
+    return aot_autograd(fw_compiler=compile_with_pass, inference_compiler=compile_with_pass,
+                        bw_compiler=compile_backward, keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+register_dynamo_backend("lowbit", lowbit_backend)
+register_dynamo_backend("lowbit_aot_eager", lowbit_aot_eager_backend)
+
+__all__ = ["lowbit_backend", "lowbit_aot_eager_backend", "inductor_config_patches", "LowbitPass"]

@@ -1,0 +1,240 @@
+"""Replace every fusable update region by a ``lowbit::fused_update_`` call, one call per group of regions that
+generate the same kernel.
+
+Pattern (per parameter, functional post-grad ATen)::
+
+    x = lowbit.dequant(codes, scales, fmt, shape)          # leaves: dequant anchors, graph inputs, 0-d scalars
+    ... allow-listed pointwise ops ...                     # interior
+    afv2 = auto_functionalized_v2(lowbit.requant_, x=new_x, _all_bases=[codes, scales])
+    copy_(codes, afv2[1]); copy_(scales, afv2[2]); copy_(param, new_p)
+    copy_(counter, counter + sum(~isfinite(g)) + ...)      # accumulated full sums
+
+Rewrite (all N parameters whose regions give the same kernel spec, before the first epilogue ``copy_``)::
+
+    lowbit.fused_update_([params..., codes..., scales..., counter], [grads...], [scalars...], spec)
+
+The region's interior, anchors, ``auto_functionalized_v2``/``getitem``/``copy_`` nodes and absorbed sums are
+deleted. Regions that cannot be fused are left untouched and reported (``lbc.compile_report()``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+from torch.fx import Graph, Node
+
+from .._compat import triton_interpreting
+from ..report import CompileReport, FusedGroup, UnfusedRegion, record
+from ..templates.fused_update import KernelSpec, dtype_name, render_source
+from .pointwise import SHAPE_ONLY_ARGUMENTS, Value, emit, op_name
+from .regions import (Region, block_shared_accumulations, epilogue_start, find_regions, is_dequant, is_scalar,
+                      value_of)
+
+_STORE_ORDER = {"tensor": 0, "quantized": 1, "sum": 2}
+_CASTS = ("prims.convert_element_type.default", "aten._to_copy.default", "aten.copy.default")
+
+
+@dataclasses.dataclass
+class FusedRegion:
+    """A region turned into a kernel spec, with the graph nodes that fill the spec's roles."""
+
+    region: Region
+    spec: KernelSpec
+    mutated: list      # per mutated role: a node, or (codes, scales) for a quantized role
+    inputs: list       # per input role: the same
+    scalars: list[Node]
+    accumulators: list[Node]
+
+
+def _structure(node: Node, region: Region, memo: dict) -> str:
+    """A digest of how ``node`` is computed, blind to which parameter it belongs to: equal for the same update of
+    different parameters, so their stores sort into the same order."""
+    if node in memo:
+        return memo[node]
+    if node not in region.interior:
+        val = value_of(node)
+        if is_scalar(node):
+            text = f"scalar:{val.dtype}"
+        elif is_dequant(node):
+            text = f"dequant:{node.args[2]}"
+        else:
+            text = f"tensor:{val.dtype}:{'written' if node in region.targets else 'read'}"
+    else:
+        parts = [_structure(a, region, memo) if isinstance(a, Node) else repr(a) for a in node.args]
+        parts += [f"{k}={_structure(v, region, memo) if isinstance(v, Node) else repr(v)}"
+                  for k, v in sorted(node.kwargs.items())]
+        text = f"{op_name(node.target)}({','.join(parts)})"
+    memo[node] = hashlib.sha1(text.encode()).hexdigest()
+    return memo[node]
+
+
+def _final_cast_source(node: Node, region: Region, dtype: torch.dtype) -> Node:
+    """The store rounds to the target dtype itself (bf16: nearest-even or stochastic), so a last cast to that dtype
+    is skipped and the fp32 value stored."""
+    if (node in region.interior and op_name(node.target) in _CASTS and len(node.users) == 1
+            and value_of(node).dtype == dtype):
+        source = node.args[1] if op_name(node.target) == "aten.copy.default" else node.args[0]
+        if isinstance(source, Node) and not is_scalar(source) and value_of(source).dtype == torch.float32:
+            return source
+    return node
+
+
+def build_spec(region: Region, stochastic_rounding: bool) -> FusedRegion:
+    """Generate the kernel spec of a fusable region."""
+    memo: dict = {}
+    stores = sorted(region.stores, key=lambda s: (_STORE_ORDER[s.kind], _structure(s.value, region, memo)))
+    names: dict[Node, Value] = {}
+    mutated_roles, mutated, inputs_roles, inputs, scalars, scalar_dtypes = [], [], [], [], [], []
+    accumulators: list[Node] = []
+    quantized_names: dict[Node, Value] = {}
+    for store in stores:
+        if store.kind == "tensor":
+            target = store.targets[0]
+            names[target] = Value(f"mut{len(mutated)}", value_of(target).dtype)
+            mutated_roles.append(dtype_name(value_of(target).dtype))
+            mutated.append(target)
+        elif store.kind == "quantized":
+            quantized_names[store.targets[0]] = Value(f"mut{len(mutated)}", torch.float32)
+            mutated_roles.append(store.fmt)
+            mutated.append(store.targets)
+        elif store.targets[0] not in accumulators:
+            accumulators.append(store.targets[0])
+    body: list[str] = []
+
+    def visit(node: Node) -> Value:
+        if node in names:
+            return names[node]
+        val = value_of(node)
+        if node not in region.interior:
+            if is_scalar(node):
+                value = Value(f"s{len(scalars)}", val.dtype, scalar=True)
+                scalars.append(node)
+                scalar_dtypes.append(dtype_name(val.dtype))
+            elif is_dequant(node):
+                value = quantized_names.get(node.args[0])
+                if value is None:
+                    value = Value(f"in{len(inputs)}", torch.float32)
+                    inputs_roles.append(node.args[2])
+                    inputs.append((node.args[0], node.args[1]))
+            else:
+                value = Value(f"in{len(inputs)}", val.dtype)
+                inputs_roles.append(dtype_name(val.dtype))
+                inputs.append(node)
+        else:
+            skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
+            args = tuple(None if i in skip else visit(a) if isinstance(a, Node) else a
+                         for i, a in enumerate(node.args))
+            kwargs = {k: visit(v) if isinstance(v, Node) else v for k, v in node.kwargs.items()}
+            value = Value(f"v{len(body)}", val.dtype)
+            body.append(f"{value.text} = {emit(node.target, args, kwargs, val.dtype)}")
+        names[node] = value
+        return value
+
+    outputs, sums = [], []
+    for store in stores:
+        if store.kind == "sum":
+            sums.append((accumulators.index(store.targets[0]), visit(store.value).text))
+        else:
+            dtype = value_of(store.targets[0]).dtype if store.kind == "tensor" else torch.float32
+            outputs.append(visit(_final_cast_source(store.value, region, dtype)).text)
+    spec = KernelSpec(tuple(inputs_roles), tuple(mutated_roles), tuple(scalar_dtypes),
+                      tuple(dtype_name(value_of(a).dtype) for a in accumulators), tuple(body), tuple(outputs),
+                      tuple(sums), stochastic_rounding)
+    return FusedRegion(region, spec, mutated, inputs, scalars, accumulators)
+
+
+def _flatten(roles: list, members: list[FusedRegion], attribute: str) -> list[Node]:
+    """Role by role, every member's tensor (quantized roles: all codes, then all scales)."""
+    flat = []
+    for index in range(len(roles)):
+        first = getattr(members[0], attribute)[index]
+        if isinstance(first, tuple):
+            flat += [getattr(m, attribute)[index][0] for m in members]
+            flat += [getattr(m, attribute)[index][1] for m in members]
+        else:
+            flat += [getattr(m, attribute)[index] for m in members]
+    return flat
+
+
+def _erase(graph: Graph, nodes: set) -> None:
+    """Erase ``nodes``, users before what they use."""
+    nodes = set(nodes)
+    while nodes:
+        free = [n for n in nodes if not n.users]
+        if not free:
+            raise RuntimeError(f"lowbit pass: nodes still in use after fusion: {sorted(n.name for n in nodes)}")
+        for node in free:
+            graph.erase_node(node)
+            nodes.discard(node)
+
+
+def _erase_dead(graph: Graph, candidates: set) -> None:
+    """Erase the region nodes nothing reads any more (interior values, dequant anchors), users first."""
+    for node in reversed(list(graph.nodes)):
+        if node in candidates and not node.users:
+            graph.erase_node(node)
+
+
+def _fusable_on(device: torch.device) -> str | None:
+    """Why regions on ``device`` are not fused, or None. The fused kernel runs where Triton runs: on CUDA tensors,
+    or, under TRITON_INTERPRET=1, on CPU tensors (the interpreter cannot follow pointer tables into GPU memory)."""
+    interpreting = triton_interpreting()
+    if device.type == "cuda" and not interpreting or device.type == "cpu" and interpreting:
+        return None
+    if device.type == "cuda":
+        return "TRITON_INTERPRET=1 is set: the interpreter runs only CPU tensors, so CUDA regions keep their anchors"
+    return (f"regions on {device.type} stay ATen for inductor's C++ (the fused Triton kernel runs on CUDA, or on "
+            "the CPU under TRITON_INTERPRET=1)")
+
+
+def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileReport:
+    """The rewrite; returns (and records) what it did."""
+    regions, accumulations = find_regions(graph)
+    candidates: list[FusedRegion] = []
+    for region in regions:
+        if region.blocked is None:
+            why_not = _fusable_on(region.device)
+            if why_not is not None:
+                region.block(why_not)
+                continue
+            try:
+                candidates.append(build_spec(region, stochastic_rounding))
+            except (ValueError, KeyError, TypeError) as err:
+                region.block(f"code generation failed: {err}")
+    block_shared_accumulations(regions, accumulations)
+    fused = [m for m in candidates if m.region.blocked is None]
+    unfused = [UnfusedRegion(r.label, r.blocked, r.blocking_op) for r in regions if r.blocked is not None]
+
+    groups: dict[tuple, list[FusedRegion]] = {}
+    for member in fused:
+        key = (member.spec.to_string(), member.region.device, tuple(member.scalars), tuple(member.accumulators))
+        groups.setdefault(key, []).append(member)
+
+    insertion_point = epilogue_start(graph)
+    reports = []
+    fused_stores = {id(s.owned[0]) for m in fused for s in m.region.stores if s.kind == "sum"}
+    for (spec_text, device, scalars, accumulators), members in groups.items():
+        spec = members[0].spec
+        mutated = _flatten(spec.mutated, members, "mutated") + list(accumulators)
+        inputs = _flatten(spec.inputs, members, "inputs")
+        with graph.inserting_before(insertion_point):
+            call = graph.call_function(torch.ops.lowbit.fused_update_.default,
+                                       (mutated, inputs, list(scalars), spec_text))
+        call.meta["val"] = None
+        reports.append(FusedGroup(spec_text, len(members), render_source(spec),
+                                  tuple(m.region.label for m in members), str(device)))
+
+    doomed = {n for m in fused for n in m.region.owned}
+    for acc in accumulations:
+        if all(id(term) in fused_stores for term in acc.terms):
+            doomed |= set(acc.owned)
+    _erase(graph, doomed)
+    _erase_dead(graph, {n for m in fused for n in m.region.interior + [x for x in m.region.leaves if is_dequant(x)]})
+
+    report = CompileReport(tuple(reports), tuple(unfused), str(graph))
+    record(report)
+    return report
+
+
+__all__ = ["fuse_updates", "build_spec", "FusedRegion"]

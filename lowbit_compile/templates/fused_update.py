@@ -1,0 +1,664 @@
+"""The fused optimizer-update kernel and the ``lowbit::fused_update_`` op that launches it.
+
+A ``KernelSpec`` describes one update region completely: which tensors it reads and writes (roles), the 0-d
+scalars it reads, the full sums it accumulates, and its body as lines of ``tl`` expressions. The compiler pass
+(``lowbit_compile.passes``) builds the spec from the graph; this module renders it into Triton source, compiles it
+once per spec, and launches it over a whole group of parameters: a program is (tensor index, tile of whole blocks),
+so one launch covers every tensor of the group through per-role pointer tables.
+
+Per program, in one pass over memory: load the plain tensors (fp32/bf16/fp16) and the codes and block scales of
+each quantized state, decode, run the body, then for each quantized output zero the padding lanes, compute the new
+block scales, encode and store; store the plain outputs (bf16 with round-to-nearest-even, or stochastic rounding);
+add each program's partial sums into the accumulators (``tl.atomic_add``, skipped when the partial sum is 0).
+
+Numerics: under the interpreter every fp32 operation is IEEE, so CPU tests see exactly torch's arithmetic (up to
+``exp``/``log`` ulps). On the GPU the body's ``/`` and ``sqrt`` are Triton's fast forms and Triton may contract a
+multiply and an add into an FMA (see ``passes/pointwise.py``): parameters agree with eager to a few fp32 ulps, and a
+state value that lands next to a midpoint can take the neighbouring code. The codecs themselves are exact.
+
+The op rebuilds its kernel from the ``spec`` string alone, so compiled graphs loaded from inductor's FX-graph cache
+(where the pass does not run) still work.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+import threading
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .._compat import triton_interpreting
+from ..formats import Quantized, parse_spec
+from .codecs import codec_constants, codec_tables
+
+SPEC_VERSION = 1
+
+_TL_DTYPES = {
+    "float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16", "float64": "tl.float64",
+    "int64": "tl.int64", "int32": "tl.int32", "int16": "tl.int16", "int8": "tl.int8", "uint8": "tl.uint8",
+    "bool": "tl.int1",
+}
+PLAIN_TENSOR_DTYPES = ("float32", "bfloat16", "float16")
+ACCUMULATOR_DTYPES = ("int64", "int32", "float32")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the spelling specs use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tl_dtype(name: str) -> str:
+    """Source text of the ``tl`` dtype for a dtype name."""
+    try:
+        return _TL_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"no Triton dtype for {name!r}") from None
+
+
+def role_format(role: str) -> Quantized | None:
+    """The quantized format of a role, or None for a plain tensor role (a dtype name)."""
+    if role in _TL_DTYPES:
+        return None
+    fmt = parse_spec(role)
+    if not isinstance(fmt, Quantized):
+        raise ValueError(f"a role is a dtype name or a quantized format spec, got {role!r}")
+    return fmt
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One fused update, independent of how many tensors it is launched over.
+
+    Roles are dtype names (plain tensors) or quantized format specs (a codes + scales pair). Inside ``body`` the
+    loaded value of input role ``i`` is ``in{i}``, of mutated role ``i`` ``mut{i}`` (quantized roles decoded to
+    fp32), scalar ``i`` is ``s{i}``; body lines are ``v{k} = <tl expression>``. ``outputs[i]`` names the value
+    stored into mutated role ``i``; ``sums`` lists ``(accumulator index, value name)`` pairs whose full sums over
+    the tensor are added into the 0-d accumulators."""
+
+    inputs: tuple[str, ...]
+    mutated: tuple[str, ...]
+    scalars: tuple[str, ...]
+    accumulators: tuple[str, ...]
+    body: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sums: tuple[tuple[int, str], ...] = ()
+    stochastic_rounding: bool = False
+
+    def __post_init__(self):
+        if len(self.outputs) != len(self.mutated):
+            raise ValueError(f"outputs: one value per mutated role, got {len(self.outputs)} for {len(self.mutated)}")
+        for name in self.scalars:
+            tl_dtype(name)
+        for name in self.accumulators:
+            if name not in ACCUMULATOR_DTYPES:
+                raise ValueError(f"accumulators: dtype must be one of {ACCUMULATOR_DTYPES}, got {name!r}")
+        for role in self.inputs + self.mutated:
+            if role_format(role) is None and role not in PLAIN_TENSOR_DTYPES:
+                raise ValueError(f"tensor roles must be one of {PLAIN_TENSOR_DTYPES}, got {role!r}")
+        for index, _ in self.sums:
+            if not 0 <= index < len(self.accumulators):
+                raise ValueError(f"sums: accumulator index {index} out of range")
+        if all(role_format(role) is not None for role in self.inputs + self.mutated):
+            # Element counts come from the plain tensors: a quantized state's storage only knows whole blocks.
+            raise ValueError("a kernel spec needs at least one plain tensor role")
+
+    def to_string(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["version"] = SPEC_VERSION
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_string(cls, text: str) -> "KernelSpec":
+        try:
+            fields = json.loads(text)
+            version = fields.pop("version")
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"spec: not a fused-update kernel spec: {text[:80]!r}") from err
+        if version != SPEC_VERSION:
+            raise ValueError(f"spec: version {version} is not {SPEC_VERSION}; recompile (clear the inductor cache)")
+        fields["sums"] = tuple((int(i), str(v)) for i, v in fields["sums"])
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    @property
+    def quantized_block_sizes(self) -> list[int]:
+        return [fmt.block for fmt in map(role_format, self.inputs + self.mutated) if fmt is not None]
+
+    def slots(self, roles: tuple[str, ...]) -> int:
+        """Tensors per parameter in a list of roles: 2 for a quantized role (codes, scales), else 1."""
+        return sum(1 if role_format(r) is None else 2 for r in roles)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source generation
+# --------------------------------------------------------------------------------------------------------------
+# Helpers the body emitters and the stores call. Only tl/tl.math (the interpreter has no libdevice).
+_PRELUDE = '''\
+import triton
+import triton.language as tl
+
+from lowbit_compile.templates import codecs
+
+
+@triton.jit
+def _pow(x, y):
+    # exp2(y * log2|x|) with the sign and the special cases of C's pow.
+    y = tl.zeros_like(x) + y
+    r = tl.exp2(y * tl.log2(tl.abs(x)))
+    y_integral = tl.floor(y) == y
+    y_odd = y_integral & (tl.floor(y * 0.5) * 2.0 != y)
+    r = tl.where((x < 0) & y_odd, -r, r)
+    r = tl.where((x < 0) & (y_integral == 0), float("nan"), r)
+    return tl.where((y == 0) | (x == 1) | ((x == -1) & (tl.abs(y) == float("inf"))), 1.0, r)
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0)).to(x.dtype)
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _rint(x):
+    # round half to even
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (tl.floor(r * 0.5) * 2.0 != r), r - 1.0, r)
+
+
+@triton.jit
+def _load_tile(ptr, local, inb, full):
+    if full:
+        x = tl.load(ptr + local)
+    else:
+        x = tl.load(ptr + local, mask=inb, other=0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptr, local, x, inb, full):
+    if full:
+        tl.store(ptr + local, x)
+    else:
+        tl.store(ptr + local, x, mask=inb)
+
+
+@triton.jit
+def _bf16_bits(x, rounding):
+    # fp32 -> bf16 by integer rounding: the interpreter's cast truncates and the GPU's rounds to nearest even,
+    # this is the same on both. NaN stays a (quiet) NaN.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, bits | 0x400000, bits + rounding)
+    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _bf16_rne(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    return _bf16_bits(x, 0x7FFF + ((bits >> 16) & 1))
+
+
+@triton.jit
+def _bf16_stochastic(x, seed, offsets):
+    return _bf16_bits(x, tl.randint(seed, offsets).to(tl.uint32) & 0xFFFF)
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class TileShape:
+    rows: int
+    cols: int
+    num_warps: int
+
+    @property
+    def elements(self) -> int:
+        return self.rows * self.cols
+
+
+# Elements per program and warps on the GPU. The kernel does ~200 instructions per element (two encodes dominate), so
+# it is close to compute-bound: registers decide occupancy. Offline sm_90 compiles of the 8-bit AdamW kernel give
+# (elements/warps: registers, SASS instructions per element) 512/4: 72, 294; 1024/4: 116, 235; 2048/8: 128, 232;
+# 2048/4: 198, 190; 4096/8: 210, 186. 1024/4 keeps 16 warps per SM resident at a near-best instruction count.
+GPU_TILE_ELEMENTS = 1024
+GPU_NUM_WARPS = 4
+# The interpreter runs a program's lanes as numpy arrays: fewer, larger programs are faster.
+INTERPRETER_TILE_ELEMENTS = 4096
+
+
+def tile_shape(spec: KernelSpec, device_type: str) -> TileShape:
+    """Columns = the largest quantized block (every quantized role then covers whole blocks per tile; smaller
+    blocks are reshaped), rows fill the tile."""
+    cols = max(spec.quantized_block_sizes, default=256)
+    elements = GPU_TILE_ELEMENTS if device_type == "cuda" else INTERPRETER_TILE_ELEMENTS
+    return TileShape(max(1, elements // cols), cols, GPU_NUM_WARPS)
+
+
+def _referenced(name: str, text: str) -> bool:
+    return re.search(rf"\b{name}\b", text) is not None
+
+
+def _quantized_pointers(lines: list[str], name: str, fmt: Quantized, tab: str) -> None:
+    """The tile's blocks of a quantized role: row index, which rows exist, codes and scales pointers."""
+    if any(line.startswith(f"{name}_rows =") for line in lines):
+        return
+    b = fmt.block
+    lines += [f"{name}_rows = tl.arange(0, TILE // {b})", f"{name}_row_ok = {name}_rows < (left + {b - 1}) // {b}"]
+    _table_pointer(lines, f"{name}_codes_ptr", f"{tab}_codes", "tl.uint8", f"start // {8 // fmt.bits}")
+    _table_pointer(lines, f"{name}_scale_ptr", f"{tab}_scales", "tl.float32", f"tile * (TILE // {b})")
+
+
+def _table_pointer(lines: list[str], name: str, table: str, dtype: str, offset: str) -> None:
+    """``name`` = this tensor's address from ``table`` as a ``dtype`` pointer, advanced by ``offset`` elements. When
+    the launcher found every address a multiple of 16 bytes (ALIGNED), the kernel is told so and vectorizes; the
+    hint must sit in the kernel body, on the pointer (a hint inside a called function is lost)."""
+    lines += [f"{name} = tl.load({table} + t).to(tl.pointer_type({dtype}))",
+              "if ALIGNED:",
+              f"    {name} = tl.multiple_of({name}, 16)",
+              f"{name} = {name} + {offset}"]
+
+
+def _code_offsets(name: str, fmt: Quantized) -> str:
+    width = fmt.block * fmt.bits // 8
+    return f"{name}_rows[:, None] * {width} + tl.arange(0, {width})[None, :]"
+
+
+def _load_quantized(lines: list[str], name: str, fmt: Quantized, tab: str) -> None:
+    """Decode the tile's blocks of a quantized role into ``name`` ([ROWS, COLS] fp32)."""
+    _quantized_pointers(lines, name, fmt, tab)
+    codes = (f"tl.load({name}_codes_ptr + {_code_offsets(name, fmt)}, mask={name}_row_ok[:, None], other=0)")
+    lines += [
+        f"{name}_scale = tl.load({name}_scale_ptr + {name}_rows, mask={name}_row_ok, other=0.0)",
+        f"{name}_codes = " + (f"{codes}.to(tl.int32)" if fmt.bits == 8 else f"codecs.unpack_nibbles({codes})"),
+        f"{name} = tl.reshape(codecs.decode({name}_codes, {name}_scale, {tab}_codebook), [ROWS, COLS])",
+    ]
+
+
+def _store_quantized(lines: list[str], name: str, value: str, fmt: Quantized, tab: str) -> None:
+    """Encode ``value`` into the role's codes and scales; padding lanes count as 0 (as formats.encode pads)."""
+    _quantized_pointers(lines, name, fmt, tab)
+    b, constants = fmt.block, codec_constants(fmt)
+    codes = f"{name}_new_codes.to(tl.uint8)" if fmt.bits == 8 else f"codecs.pack_nibbles({name}_new_codes)"
+    lines += [
+        f"{name}_new = tl.reshape(tl.where(inb, ({value}).to(tl.float32), 0.0), [TILE // {b}, {b}])",
+        f"{name}_new_scale = codecs.block_scale({name}_new, {constants['SIGNED']}, {constants['LOWEST']!r})",
+        f"{name}_new_codes = codecs.encode({name}_new, {name}_new_scale, {tab}_midpoints, {constants['BITS']}, "
+        f"{constants['MAP']}, {constants['SIGNED']})",
+        f"tl.store({name}_scale_ptr + {name}_rows, {name}_new_scale, mask={name}_row_ok)",
+        f"tl.store({name}_codes_ptr + {_code_offsets(name, fmt)}, {codes}, mask={name}_row_ok[:, None])",
+    ]
+
+
+def render_source(spec: KernelSpec) -> str:
+    """Triton source of the kernel for ``spec`` (a module defining ``fused_update_kernel``)."""
+    # The pass may run under a fake-tensor mode; the codebook constants are real tensors.
+    with unset_fake_temporarily():
+        return _render_source(spec)
+
+
+def _render_source(spec: KernelSpec) -> str:
+    args = ["tile_tensor", "tile_start", "numels"]
+    for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
+        for i, role in enumerate(roles):
+            tab = f"{prefix}{i}_tab"
+            args += [tab] if role_format(role) is None else [
+                f"{tab}_codes", f"{tab}_scales", f"{tab}_codebook", f"{tab}_midpoints"]
+    args += [f"s{i}_ptr" for i in range(len(spec.scalars))]
+    args += [f"acc{i}_ptr" for i in range(len(spec.accumulators))]
+    if spec.stochastic_rounding:
+        args.append("seed_ptr")
+    args += ["ROWS: tl.constexpr", "COLS: tl.constexpr", "ALIGNED: tl.constexpr"]
+
+    used = "\n".join(spec.body + spec.outputs + tuple(v for _, v in spec.sums))
+    # Pointers advance to the tile's start (64-bit) and lanes index it with 32-bit offsets; a full tile loads and
+    # stores without element masks so both vectorize.
+    lines = [
+        "pid = tl.program_id(0)",
+        "t = tl.load(tile_tensor + pid)",
+        "tile = (pid - tl.load(tile_start + t)).to(tl.int64)",
+        "TILE: tl.constexpr = ROWS * COLS",
+        "start = tile * TILE",
+        "left = tl.minimum(tl.load(numels + t) - start, TILE).to(tl.int32)",
+        "full = left == TILE",
+        "local = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]",
+        "inb = local < left",
+    ]
+    for i in range(len(spec.scalars)):
+        if _referenced(f"s{i}", used):
+            lines.append(f"s{i} = tl.load(s{i}_ptr)")
+    for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
+        for i, role in enumerate(roles):
+            name, tab, fmt = f"{prefix}{i}", f"{prefix}{i}_tab", role_format(role)
+            if fmt is None and (_referenced(name, used) or prefix == "mut"):
+                _table_pointer(lines, f"{name}_ptr", tab, tl_dtype(role), "start")
+            if not _referenced(name, used):
+                continue
+            if fmt is None:
+                lines.append(f"{name} = _load_tile({name}_ptr, local, inb, full)")
+            else:
+                _load_quantized(lines, name, fmt, tab)
+    lines += list(spec.body)
+    if spec.stochastic_rounding:
+        lines.append("seed = tl.load(seed_ptr) + t * 1000003")
+    for i, (role, value) in enumerate(zip(spec.mutated, spec.outputs)):
+        name, tab, fmt = f"mut{i}", f"mut{i}_tab", role_format(role)
+        if fmt is not None:
+            _store_quantized(lines, name, value, fmt, tab)
+            continue
+        if role == "bfloat16":
+            rounded = (f"_bf16_stochastic(({value}).to(tl.float32), seed, (start + local).to(tl.uint32))"
+                       if spec.stochastic_rounding else f"_bf16_rne(({value}).to(tl.float32))")
+        else:
+            rounded = f"({value}).to({tl_dtype(role)})"
+        lines.append(f"_store_tile({name}_ptr, local, {rounded}, inb, full)")
+    for k, (index, value) in enumerate(spec.sums):
+        acc = spec.accumulators[index]
+        # A tile holds < 2**31 elements: integer partial sums fit int32, which reduces cheaper than int64.
+        partial = "tl.float32" if acc == "float32" else "tl.int32"
+        lines += [
+            f"part{k} = tl.sum(tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1), axis=0).to({tl_dtype(acc)})",
+            f"tl.atomic_add(acc{index}_ptr, part{k}, mask=part{k} != 0)",
+        ]
+    body = "\n".join("    " + line for line in lines)
+    header = "\n".join(f"# {line}" for line in spec.to_string().splitlines())
+    return (f"{_PRELUDE}\n\n{header}\n@triton.jit\ndef fused_update_kernel(\n        "
+            + ",\n        ".join(args) + f",\n):\n{body}\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compilation and launch
+# --------------------------------------------------------------------------------------------------------------
+def _kernel_dir() -> str:
+    path = os.path.join(tempfile.gettempdir(), f"lowbit_compile_kernels_{os.getuid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class FusedUpdateKernel:
+    """A compiled spec: the Triton kernel plus its launch geometry. ``launch`` builds (and caches) the pointer
+    tables for the tensors it is given."""
+
+    def __init__(self, spec: KernelSpec):
+        self.spec = spec
+        self.source = render_source(spec)
+        digest = hashlib.sha256(self.source.encode()).hexdigest()[:24]
+        path = os.path.join(_kernel_dir(), f"fused_update_{digest}.py")
+        if not os.path.exists(path):
+            # @triton.jit reads the source back from the file: write it whole before anyone imports it.
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(self.source)
+            os.replace(tmp, path)
+        module_spec = importlib.util.spec_from_file_location(f"lowbit_fused_update_{digest}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        self.kernel = module.fused_update_kernel
+        self.path = path
+        self.in_slots = spec.slots(spec.inputs)
+        self.mut_slots = spec.slots(spec.mutated)
+        self._tables: dict[tuple, TableSet] = {}
+
+    # Pointer tables are kept for as long as the kernel lives: CUDA graphs replay with the addresses they captured.
+    MAX_TABLE_SETS = 4096
+
+    def count(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor]) -> int:
+        """Number of parameters the lists hold (checked against the spec)."""
+        spec = self.spec
+        tensors = len(mutated) - len(spec.accumulators)
+        if self.mut_slots:
+            count, rest = divmod(tensors, self.mut_slots)
+        else:
+            count, rest = divmod(len(inputs), self.in_slots)
+        if rest or tensors < 0 or len(inputs) != count * self.in_slots or \
+                (self.mut_slots and tensors != count * self.mut_slots):
+            raise ValueError(
+                f"mutated/inputs: expected {self.mut_slots} mutated and {self.in_slots} input tensors per parameter "
+                f"plus {len(spec.accumulators)} accumulators, got {len(mutated)} and {len(inputs)}")
+        return count
+
+    @staticmethod
+    def _role_tensors(roles, tensors, count):
+        """Per role: the tensors of every parameter (quantized roles: (codes list, scales list))."""
+        grouped, at = [], 0
+        for role in roles:
+            if role_format(role) is None:
+                grouped.append(tensors[at: at + count])
+                at += count
+            else:
+                grouped.append((tensors[at: at + count], tensors[at + count: at + 2 * count]))
+                at += 2 * count
+        return grouped
+
+    def _build_tables(self, mutated, inputs, scalars, count, device) -> "TableSet":
+        spec = self.spec
+        numels = None
+        rows: list[list[int]] = []
+
+        def check(t, what, dtype=None):
+            if t.device != device:
+                raise ValueError(f"{what}: expected a tensor on {device}, got {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{what}: must be contiguous")
+            if dtype is not None and t.dtype != dtype:
+                raise ValueError(f"{what}: expected {dtype}, got {t.dtype}")
+
+        for list_name, roles, tensors in (("inputs", spec.inputs, inputs), ("mutated", spec.mutated, mutated)):
+            for r, (role, group) in enumerate(zip(roles, self._role_tensors(roles, tensors, count))):
+                fmt = role_format(role)
+                if fmt is None:
+                    dtype = getattr(torch, role)
+                    for i, x in enumerate(group):
+                        check(x, f"{list_name} role {r} ({role}) of parameter {i}", dtype)
+                    sizes = [x.numel() for x in group]
+                    if numels is None:
+                        numels = sizes
+                    elif sizes != numels:
+                        raise ValueError(f"{list_name} role {r}: element counts {sizes} differ from {numels}")
+                    rows.append([x.data_ptr() for x in group])
+                else:
+                    codes, scales = group
+                    for i, (c, s) in enumerate(zip(codes, scales)):
+                        check(c, f"{list_name} role {r} ({role}) codes of parameter {i}", torch.uint8)
+                        check(s, f"{list_name} role {r} ({role}) scales of parameter {i}", torch.float32)
+                    rows.append([c.data_ptr() for c in codes])
+                    rows.append([s.data_ptr() for s in scales])
+        quantized = [(role_format(r), g) for roles, tensors in ((spec.inputs, inputs), (spec.mutated, mutated))
+                     for r, g in zip(roles, self._role_tensors(roles, tensors, count))
+                     if role_format(r) is not None]
+        for fmt, (codes, scales) in quantized:
+            for i, (c, s, n) in enumerate(zip(codes, scales, numels)):
+                if s.numel() != fmt.num_blocks(n) or c.numel() != fmt.num_code_bytes(n):
+                    raise ValueError(
+                        f"{fmt.spec} state of parameter {i}: {n} elements need {fmt.num_blocks(n)} scales and "
+                        f"{fmt.num_code_bytes(n)} code bytes, got {s.numel()} and {c.numel()}")
+        for i, s in enumerate(scalars):
+            check(s, f"scalars[{i}]", getattr(torch, spec.scalars[i]))
+            if s.dim() != 0:
+                raise ValueError(f"scalars[{i}]: expected a 0-d tensor, got shape {tuple(s.shape)}")
+        for i, a in enumerate(mutated[len(mutated) - len(spec.accumulators):]):
+            check(a, f"accumulator {i}", getattr(torch, spec.accumulators[i]))
+            if a.dim() != 0:
+                raise ValueError(f"accumulator {i}: expected a 0-d tensor, got shape {tuple(a.shape)}")
+
+        tile = tile_shape(spec, device.type).elements
+        tiles = [-(-n // tile) for n in numels]
+        starts = [0]
+        for k in tiles:
+            starts.append(starts[-1] + k)
+        tile_tensor = [i for i, k in enumerate(tiles) for _ in range(k)]
+        for fmt in {f for f in map(role_format, spec.inputs + spec.mutated) if f is not None}:
+            codec_tables(fmt, device)  # created and cached on first use: let that happen here, outside graph pools
+        return TableSet(torch.tensor(tile_tensor, dtype=torch.int32).to(device),
+                        torch.tensor(starts[:-1], dtype=torch.int32).to(device),
+                        torch.tensor(numels, dtype=torch.int64).to(device),
+                        torch.tensor(rows, dtype=torch.int64).reshape(len(rows), count).to(device),
+                        all(address % 16 == 0 for row in rows for address in row))
+
+    def tables(self, mutated, inputs, scalars):
+        count = self.count(mutated, inputs)
+        device = (mutated or inputs)[0].device
+        key = (device, count, tuple(t.data_ptr() for t in mutated), tuple(t.data_ptr() for t in inputs),
+               tuple(t.numel() for t in mutated), tuple(t.numel() for t in inputs))
+        found = self._tables.get(key)
+        if found is None:
+            if len(self._tables) >= self.MAX_TABLE_SETS:
+                self._tables.pop(next(iter(self._tables)))
+            found = _outside_graph_pools(
+                device, lambda: self._build_tables(mutated, inputs, scalars, count, device))
+            self._tables[key] = found
+        return found
+
+    def launch(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor]) -> None:
+        spec = self.spec
+        if len(scalars) != len(spec.scalars):
+            raise ValueError(f"scalars: the spec reads {len(spec.scalars)} scalars, got {len(scalars)}")
+        if not mutated and not inputs:
+            return
+        device = (mutated or inputs)[0].device
+        interpreting = triton_interpreting()
+        if interpreting != (device.type == "cpu") or device.type not in ("cpu", "cuda"):
+            raise RuntimeError(
+                f"lowbit::fused_update_ got tensors on {device} with TRITON_INTERPRET={int(interpreting)}: its Triton "
+                "kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 only (the lowbit backend "
+                "leaves other regions unfused)")
+        tables = self.tables(mutated, inputs, scalars)
+        if tables.tile_tensor.numel() == 0:
+            return
+        args = [tables.tile_tensor, tables.tile_start, tables.numels]
+        row = 0
+        for roles in (spec.inputs, spec.mutated):
+            for role in roles:
+                fmt = role_format(role)
+                if fmt is None:
+                    args.append(tables.pointers[row])
+                    row += 1
+                else:
+                    codebook, midpoints = codec_tables(fmt, device)
+                    args += [tables.pointers[row], tables.pointers[row + 1], codebook, midpoints]
+                    row += 2
+        args += list(scalars)
+        args += list(mutated[len(mutated) - len(spec.accumulators):])
+        seed = _seed(device) if spec.stochastic_rounding else None
+        if seed is not None:
+            args.append(seed)
+        shape = tile_shape(spec, device.type)
+        with _quiet_interpreter(interpreting):
+            self.kernel[(tables.tile_tensor.numel(),)](*args, ROWS=shape.rows, COLS=shape.cols,
+                                                       ALIGNED=tables.aligned, num_warps=shape.num_warps)
+        if seed is not None:
+            seed.add_(1)
+
+
+_SEEDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _seed(device: torch.device) -> torch.Tensor:
+    """A device-side seed advanced after every stochastic-rounding launch (no host state, so CUDA-graph safe)."""
+    if device not in _SEEDS:
+        _SEEDS[device] = _outside_graph_pools(
+            device, lambda: torch.randint(0, 2**31 - 1, (), dtype=torch.int64).to(device))
+    return _SEEDS[device]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSet:
+    """Launch tables for one list of tensors: the tensor of every tile, each tensor's first tile, element counts,
+    and one row of data pointers per role slot (codes and scales are a slot each)."""
+
+    tile_tensor: torch.Tensor
+    tile_start: torch.Tensor
+    numels: torch.Tensor
+    pointers: torch.Tensor
+    aligned: bool  # every pointer a multiple of 16 bytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tile_tensor, self.tile_start, self.numels, self.pointers]
+
+
+_ALLOCATING_THREAD: list = []
+
+
+def _outside_graph_pools(device: torch.device, build):
+    """``build()`` (which makes tensors that outlive the launch: pointer tables, the seed, the codec tables it asks
+    for first) with its allocations kept out of CUDA-graph memory pools.
+
+    While cudagraph trees warm a graph up, every allocation the warming thread makes goes to the graph's private
+    pool, and tensors that stay alive there are an error; so CUDA allocations happen on a helper thread, which is
+    then synchronised with. On the CPU ``build`` just runs."""
+    if device.type != "cuda":
+        return build()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "lowbit::fused_update_ would build pointer tables during CUDA-graph capture: the tensors' addresses "
+            "changed since warm-up. Mark parameters, gradients and state static (torch._dynamo.mark_static_address) "
+            "before the first compiled step")
+    if not _ALLOCATING_THREAD:
+        _ALLOCATING_THREAD.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lowbit-tables"))
+
+    def run():
+        with torch.cuda.device(device):
+            made = build()
+            torch.cuda.current_stream(device).synchronize()
+            return made
+
+    made = _ALLOCATING_THREAD[0].submit(run).result()
+    main = torch.cuda.current_stream(device)
+    for tensor in (made.tensors() if isinstance(made, TableSet) else [made]):
+        tensor.record_stream(main)  # used (and one day freed) on this stream, not the helper's
+    return made
+
+
+@contextlib.contextmanager
+def _quiet_interpreter(interpreting: bool):
+    """Padding lanes legitimately compute 0/0 and the like; numpy would warn for each under the interpreter."""
+    if not interpreting:
+        yield
+        return
+    import numpy as np
+    with np.errstate(all="ignore"):
+        yield
+
+
+_KERNELS: dict[str, FusedUpdateKernel] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernel_for(spec: str) -> FusedUpdateKernel:
+    """The compiled kernel of a spec string (compiled once per process)."""
+    found = _KERNELS.get(spec)
+    if found is None:
+        with _KERNELS_LOCK:
+            found = _KERNELS.get(spec)
+            if found is None:
+                found = FusedUpdateKernel(KernelSpec.from_string(spec))
+                _KERNELS[spec] = found
+    return found
+
+
+@torch.library.custom_op("lowbit::fused_update_", mutates_args=("mutated",))
+def fused_update_(mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor],
+                  spec: str) -> None:
+    """Run the fused update ``spec`` over a group of parameters: ``mutated`` and ``inputs`` hold, role by role,
+    each parameter's tensor (quantized roles: all codes, then all scales), ``mutated`` ends with the accumulators;
+    ``scalars`` are the 0-d tensors the body reads."""
+    kernel_for(spec).launch(list(mutated), list(inputs), list(scalars))
+
+
+@fused_update_.register_fake
+def _(mutated, inputs, scalars, spec):
+    return None
+
+
+__all__ = ["KernelSpec", "FusedUpdateKernel", "fused_update_", "kernel_for", "render_source", "tile_shape",
+           "dtype_name", "tl_dtype", "role_format"]

@@ -1,0 +1,159 @@
+"""What the pass does to the graph: one launch per kernel spec, nothing of the regions left behind, unfusable
+regions reported with the op that blocked them (and still computed right), legality checks, the report."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from lowbit_compile import formats as F
+from lowbit_compile.report import compile_report
+from test_backend_numerics import (DEVICE, RULES, adamw, assert_all_fused, assert_problems_close, compile_step,
+                                   contract_step, lion, make_problem, run_both, sgd_nesterov)
+
+Q8S, Q8U = F.Q8(min_quant_numel=0), F.Q8(signed=False, min_quant_numel=0)
+ADAMW_HP = RULES["adamw"][2]
+
+
+def test_n_parameters_of_one_spec_are_one_launch_in_the_generated_code():
+    shapes = [(300,), (17, 20), (1000,), (3, 5, 7), (256,), (1,)]
+    problem = make_problem(shapes, (Q8S, Q8U), hp=ADAMW_HP)
+    eager = problem.clone()
+    step_fn = contract_step(adamw, problem.formats)
+    compiled = compile_step(step_fn, "lowbit")
+    _, codes = run_and_get_code(compiled, *problem.args())
+    step_fn(*eager.args())
+    assert_problems_close(problem, eager)
+    assert_all_fused(len(shapes))
+    wrapper = "\n".join(codes)
+    assert wrapper.count("torch.ops.lowbit.fused_update_.default(") == 1, wrapper
+    for leftover in ("lowbit.dequant", "lowbit.requant_", "auto_functionalized"):
+        assert leftover not in wrapper
+
+
+def test_small_tensors_with_fp32_state_form_their_own_group():
+    # The optimizer keeps state in fp32 under min_quant_numel: a second spec, so a second launch.
+    def formats(numel):
+        return (F.Q8(), F.Q8(signed=False)) if numel >= 4096 else (F.F32(), F.F32())
+
+    problem = make_problem([(4096,), (5000,), (300,), (7, 3)], formats, hp=ADAMW_HP)
+    got, want = run_both(problem, adamw, "lowbit_aot_eager", steps=2)
+    assert_all_fused(4, groups=2)
+    assert sorted(g.num_tensors for g in compile_report().fused) == [2, 2]
+    assert_problems_close(got, want, steps=2)
+
+
+def test_parameters_of_different_dtypes_are_different_launches():
+    fp32 = make_problem([(300,), (40,)], (F.Q8(min_quant_numel=0),), hp=RULES["lion"][2], seed=1)
+    bf16 = make_problem([(200,)], (F.Q8(min_quant_numel=0),), param_dtype=torch.bfloat16, hp=RULES["lion"][2])
+    problem = fp32.clone()
+    problem.params += bf16.params
+    problem.grads += bf16.grads
+    problem.states += bf16.states
+    problem.formats += bf16.formats
+    got, want = run_both(problem, lion, "lowbit", steps=2)
+    assert_all_fused(3, groups=2)
+    assert_problems_close(got, want, steps=2)
+
+
+def cumsum_rule(p, g, m, *, lr, step):
+    m = 0.9 * m + g
+    p = p - lr * torch.cumsum(m.reshape(-1), 0).reshape(m.shape) * 1e-3
+    return p, m
+
+
+@pytest.mark.parametrize("backend", ["lowbit", "lowbit_aot_eager"])
+def test_non_elementwise_rule_is_reported_unfused_and_still_right(backend):
+    problem = make_problem([(300,), (20, 6)], (Q8S,), hp=dict(lr=0.1), seed=2)
+    got, want = run_both(problem, cumsum_rule, backend, steps=2)
+    report = compile_report()
+    assert report.launches == 0
+    assert len(report.unfused) == 2, str(report)
+    assert all(u.op == "aten.cumsum.default" and "cumsum" in u.reason for u in report.unfused), str(report)
+    assert "lowbit.requant_" in report.graph or "auto_functionalized" in report.graph
+    assert_problems_close(got, want)
+
+
+def two_group_step(first_rule, second_rule, formats, shared_counter: bool):
+    """Two parameter groups in one graph (the optimizer's step over all its groups), each following the contract;
+    with ``shared_counter`` both count non-finite gradients into the same tensor."""
+    first, second = contract_step(first_rule, formats[0]), contract_step(second_rule, formats[1])
+
+    def step_fn(a, b):
+        first(*a.args())
+        second(*(b.args()[:5] + ((a.nonfinite,) if shared_counter else (b.nonfinite,))))
+
+    return step_fn
+
+
+@pytest.mark.parametrize("shared_counter", [False, True])
+def test_an_unfusable_group_blocks_only_what_shares_its_counter(shared_counter):
+    a = make_problem([(300,), (50,)], (Q8S,), hp=dict(lr=0.1), seed=4, nonfinite=0.02)
+    b = make_problem([(200,)], (Q8S,), hp=RULES["sgd_nesterov"][2], seed=5, nonfinite=0.02)
+    step_fn = two_group_step(cumsum_rule, sgd_nesterov, (a.formats, b.formats), shared_counter)
+    ea, eb = a.clone(), b.clone()
+    compile_step(step_fn, "lowbit_aot_eager")(a, b)
+    step_fn(ea, eb)
+    report = compile_report()
+    if shared_counter:
+        assert report.launches == 0
+        assert any("shares the accumulator" in u.reason for u in report.unfused), str(report)
+    else:
+        assert report.launches == 1 and report.fused[0].num_tensors == 1, str(report)
+    assert sum(u.op == "aten.cumsum.default" for u in report.unfused) == 2, str(report)
+    assert_problems_close(a, ea)
+    assert_problems_close(b, eb)
+    assert a.nonfinite.item() > 0
+
+
+def test_a_value_read_outside_the_update_blocks_its_region():
+    problem = make_problem([(300,)], (Q8S, Q8U), hp=ADAMW_HP, seed=6)
+    peak = torch.zeros((), device=DEVICE)
+
+    def rule_with_probe(p, g, m, v, **hp):
+        p, m, v = adamw(p, g, m, v, **hp)
+        peak.copy_(m.abs().amax())  # m is now read by a reduction the kernel does not compute
+        return p, m, v
+
+    step_fn = contract_step(rule_with_probe, problem.formats)
+    eager = problem.clone()
+    compile_step(step_fn, "lowbit_aot_eager")(*problem.args())
+    compiled_peak = peak.clone()
+    step_fn(*eager.args())
+    eager_peak = peak.clone()
+    report = compile_report()
+    assert report.launches == 0 and report.unfused[0].op == "aten.amax.default", str(report)
+    assert "outside the update" in report.unfused[0].reason
+    assert_problems_close(problem, eager)
+    assert torch.equal(compiled_peak, eager_peak)
+
+
+def test_report_holds_spec_source_and_regions():
+    problem = make_problem([(300,), (129,)], (Q8S, Q8U), hp=ADAMW_HP)
+    run_both(problem, adamw, "lowbit_aot_eager", steps=1)
+    report = compile_report()
+    (group,) = report.fused
+    assert group.num_tensors == 2 and group.device.startswith(DEVICE)
+    assert "def fused_update_kernel(" in group.source and "codecs.encode(" in group.source
+    assert '"mutated":["float32","Q8:dynamic:s:256","Q8:dynamic:u:256"]' in group.spec
+    assert len(group.regions) == 2 and all("requant_" in r and "copy_ into" in r for r in group.regions)
+    assert "1 launch" in str(report)
+
+
+def test_user_post_grad_pass_still_runs_after_ours():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class Probe(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append([n.target for n in graph.nodes])
+
+        def uuid(self):
+            return "probe-v1"
+
+    problem = make_problem([(300,)], (Q8S,), hp=RULES["sgd_nesterov"][2])
+    got, want = run_both(problem, sgd_nesterov, "lowbit", steps=1,
+                         options={"post_grad_custom_pre_pass": Probe()})
+    assert seen and torch.ops.lowbit.fused_update_.default in seen[0]
+    assert_problems_close(got, want)
