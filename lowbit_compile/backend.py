@@ -7,8 +7,9 @@ gives CUDA graphs); options named ``lowbit.*`` configure the pass:
 
 * ``lowbit.stochastic_rounding`` (bool, default False): bf16 parameters/states written with stochastic rounding.
 
-On a CPU without ``TRITON_INTERPRET=1`` the regions are left as ATen (the anchors run their reference code and
-inductor's C++ compiles the arithmetic around them); under the interpreter they run our Triton kernel (tests).
+On a CPU without ``TRITON_INTERPRET=1`` (no Triton backend there) the anchors are decomposed into ATen before
+inductor sees the graph, so inductor's C++ fuses dequantize -> rule -> requantize itself; under the interpreter the
+regions run our Triton kernel (tests).
 
 ``lowbit_aot_eager`` runs the same pass on the aot-autograd graph and executes it eagerly, without inductor: quick to
 compile and easy to debug.
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
-from . import ops  # noqa: F401  (the anchor ops the pass looks for)
-from ._compat import custom_passes, register_dynamo_backend
+from . import ops
+from ._compat import custom_passes, register_dynamo_backend, triton_interpreting
 from .passes import LowbitPass
+from .report import CompileReport, record
 from .templates import fused_update  # noqa: F401  (registers lowbit::fused_update_ for cached graphs too)
 
 PASS_OPTIONS = {"stochastic_rounding": bool}
@@ -53,20 +55,42 @@ def _mode_options(mode: str | None) -> dict:
     return dict(modes[mode])
 
 
-def inductor_config_patches(mode: str | None = None, options: dict | None = None) -> dict:
-    """The inductor configuration ``lowbit_backend`` compiles with: the mode's presets, the user's options, and our
-    pass in front of any ``post_grad_custom_pre_pass`` already configured."""
+def inductor_config_patches(mode: str | None = None, options: dict | None = None, *, fuse: bool = True) -> dict:
+    """The inductor configuration ``lowbit_backend`` compiles with: the mode's presets, the user's options, and (with
+    ``fuse``) our pass in front of any ``post_grad_custom_pre_pass`` already configured."""
     ours, theirs = _split_options(options)
     patches = {**_mode_options(mode), **theirs}
-    configured = patches.pop("post_grad_custom_pre_pass", torch._inductor.config.post_grad_custom_pre_pass)
-    patches["post_grad_custom_pre_pass"] = LowbitPass(**ours, then=custom_passes(configured))
+    if fuse:
+        configured = patches.pop("post_grad_custom_pre_pass", torch._inductor.config.post_grad_custom_pre_pass)
+        patches["post_grad_custom_pre_pass"] = LowbitPass(**ours, then=custom_passes(configured))
     return patches
+
+
+def _runs_on_cpu_without_triton(example_inputs) -> bool:
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    return not triton_interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
 def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """``torch.compile(fn, backend="lowbit", mode=..., options=...)``."""
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(mode, options))
+    fuse = not _runs_on_cpu_without_triton(example_inputs)
+    if not fuse:
+        _decompose_anchors(gm)
+        record(CompileReport(note="CPU without Triton: anchors decomposed to ATen, inductor's C++ compiles the update"))
+    return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(mode, options, fuse=fuse))
+
+
+def _decompose_anchors(gm: torch.fx.GraphModule) -> None:
+    """Point the Dynamo graph's anchor calls at their ATen bodies, so AOTAutograd traces plain ATen that inductor
+    fuses (an inductor decomposition table cannot do this: inductor refuses a decomposition for an op it also
+    falls back to)."""
+    aten_body = {**ops.ATEN_DECOMPOSITIONS, torch.ops.lowbit.dequant: ops.dequant_as_aten,
+                 torch.ops.lowbit.requant_: ops.requant_as_aten}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in aten_body:
+            node.target = aten_body[node.target]
+    gm.recompile()
 
 
 def lowbit_aot_eager_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,

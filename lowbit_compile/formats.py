@@ -152,6 +152,11 @@ class Quantized(Format):
         return _midpoints(self.map, self.bits, self.signed)
 
     @property
+    def lowest_level(self) -> float:
+        """The most negative level as a Python float (usable while tracing, unlike the table tensor)."""
+        return _level_values(self.map, self.bits, self.signed)[0][0]
+
+    @property
     def max_roundtrip_error(self) -> float:
         """Largest distance from any value of the normalised range ([-1, 1] signed, [0, 1] unsigned) to its
         nearest level: half the widest gap between adjacent levels, or the distance from a range end to the
@@ -231,9 +236,20 @@ def tables(fmt: Quantized, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
+def _level_values(map: str, bits: int, signed: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Codebook and midpoints as Python floats (exact fp32 values), for tracers that must build constants."""
+    return tuple(_codebook(map, bits, signed).tolist()), tuple(_midpoints(map, bits, signed).tolist())
+
+
+@functools.lru_cache(maxsize=None)
 def _tables_on(map: str, bits: int, signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (_codebook(map, bits, signed).to(device).contiguous(),
             _midpoints(map, bits, signed).to(device).contiguous())
+
+
+def level_values(fmt: Quantized) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(codebook, midpoints)`` as tuples of Python floats holding the exact fp32 values."""
+    return _level_values(fmt.map, fmt.bits, fmt.signed)
 
 
 def parse_spec(spec: str) -> Format:
@@ -280,9 +296,11 @@ class QTensor:
         return math.prod(self.shape)
 
 
-def encode(x: torch.Tensor, fmt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, fmt: Quantized, midpoints: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference encoder without input validation: returns ``(codes, absmax)`` for the flattened ``x``.
-    Non-finite input gives unspecified codes; callers that may see it use ``quantize``."""
+    Non-finite input gives unspecified codes; callers that may see it use ``quantize``. ``midpoints`` defaults to
+    the cached table on ``x``'s device (tracers pass a fresh constant)."""
     flat = x.detach().reshape(-1).to(torch.float32)
     n_blocks = fmt.num_blocks(flat.numel())
     padded = torch.zeros(n_blocks * fmt.block, dtype=torch.float32, device=flat.device)
@@ -291,8 +309,21 @@ def encode(x: torch.Tensor, fmt: Quantized) -> tuple[torch.Tensor, torch.Tensor]
     absmax = block_scale(blocks, fmt)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normalised = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks))
-    codes = torch.searchsorted(tables(fmt, flat.device)[1], normalised, right=False).to(torch.uint8)
+    if midpoints is None:
+        midpoints = tables(fmt, flat.device)[1]
+    codes = count_below(normalised, midpoints, fmt.bits).to(torch.uint8)
     return pack(codes.view(-1), fmt), absmax
+
+
+def count_below(y: torch.Tensor, midpoints: torch.Tensor, bits: int) -> torch.Tensor:
+    """Number of ``midpoints`` (sorted, ``2**bits - 1`` of them) strictly below each ``y``: the code of ``y``. A
+    branchless binary search of ``bits`` halvings, each one gather, so inductor fuses it into one loop (it has no
+    CPU lowering for searchsorted/bucketize); equal to ``torch.searchsorted(midpoints, y)`` (tested)."""
+    code = torch.zeros_like(y, dtype=torch.int64)
+    for level in reversed(range(bits)):
+        step = 1 << level
+        code = code + torch.where(y > midpoints[code + (step - 1)], step, 0)
+    return code
 
 
 def block_scale(blocks: torch.Tensor, fmt: Quantized) -> torch.Tensor:
@@ -306,7 +337,7 @@ def block_scale(blocks: torch.Tensor, fmt: Quantized) -> torch.Tensor:
     hi = blocks.amax(dim=1)
     neg = -blocks.amin(dim=1)
     absmax = torch.maximum(hi, neg)
-    lowest = float(fmt.codebook[0])
+    lowest = fmt.lowest_level
     if fmt.signed and lowest > -1.0:
         stretched = neg / torch.tensor(-lowest, dtype=torch.float32, device=blocks.device)
         stretched = stretched.clamp_max(torch.finfo(torch.float32).max)  # extremes near fp32 max stay finite
@@ -314,10 +345,13 @@ def block_scale(blocks: torch.Tensor, fmt: Quantized) -> torch.Tensor:
     return absmax
 
 
-def decode(codes: torch.Tensor, absmax: torch.Tensor, fmt: Quantized, numel: int) -> torch.Tensor:
-    """Reference decoder: fp32 values of the first ``numel`` elements."""
+def decode(codes: torch.Tensor, absmax: torch.Tensor, fmt: Quantized, numel: int,
+           codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference decoder: fp32 values of the first ``numel`` elements (``codebook`` as for ``encode``)."""
+    if codebook is None:
+        codebook = tables(fmt, codes.device)[0]
     indices = unpack(codes, fmt).long()
-    levels = tables(fmt, codes.device)[0][indices].view(-1, fmt.block)
+    levels = codebook[indices].view(-1, fmt.block)
     return (levels * absmax[:, None]).view(-1)[:numel]
 
 
@@ -370,6 +404,6 @@ def empty_state(numel: int, fmt: Quantized, device) -> tuple[torch.Tensor, torch
 __all__ = [
     "Format", "Plain", "Quantized", "QTensor", "F32", "BF16", "Q8", "Q4", "MIN_QUANT_NUMEL",
     "dynamic_map", "linear_map_without_zero", "linear2_map", "parse_spec", "as_format",
-    "encode", "decode", "block_scale", "tables", "pack", "unpack", "quantize", "dequantize", "check_quantizable", "empty_state",
+    "encode", "decode", "count_below", "block_scale", "tables", "level_values", "pack", "unpack", "quantize", "dequantize", "check_quantizable", "empty_state",
 ]
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .formats import Quantized, decode, encode, parse_spec
+from .formats import Quantized, decode, encode, level_values, parse_spec
 
 
 def _quantized(spec: str) -> Quantized:
@@ -45,4 +45,23 @@ def _(codes, absmax, x, fmt):
     return None
 
 
-__all__ = ["dequant", "requant_"]
+def dequant_as_aten(codes, absmax, fmt, shape):
+    """``dequant`` written in traceable ATen (the codebook becomes a graph constant): the decomposition inductor
+    fuses into its own C++ kernels on the CPU."""
+    spec = _quantized(fmt)
+    codebook = absmax.new_tensor(level_values(spec)[0])
+    return decode(codes, absmax, spec, math.prod(shape), codebook).view(shape)
+
+
+def requant_as_aten(codes, absmax, x, fmt):
+    """``requant_`` written in traceable ATen; see ``dequant_as_aten``."""
+    spec = _quantized(fmt)
+    new_codes, new_absmax = encode(x, spec, x.new_tensor(level_values(spec)[1], dtype=torch.float32))
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)
+
+
+ATEN_DECOMPOSITIONS = {torch.ops.lowbit.dequant.default: dequant_as_aten,
+                       torch.ops.lowbit.requant_.default: requant_as_aten}
+
+__all__ = ["dequant", "requant_", "ATEN_DECOMPOSITIONS"]

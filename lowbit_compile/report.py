@@ -36,6 +36,7 @@ class CompileReport:
     fused: tuple[FusedGroup, ...] = ()
     unfused: tuple[UnfusedRegion, ...] = ()
     graph: str = ""  # the post-grad graph after the pass
+    note: str = ""  # set when the backend took another route than the pass (CPU without Triton)
 
     @property
     def launches(self) -> int:
@@ -43,7 +44,7 @@ class CompileReport:
 
     def __str__(self) -> str:
         lines = [f"lowbit: {sum(g.num_tensors for g in self.fused)} regions fused into {self.launches} launch(es), "
-                 f"{len(self.unfused)} unfused"]
+                 f"{len(self.unfused)} unfused"] + ([f"  {self.note}"] if self.note else [])
         for g in self.fused:
             more = " ..." if g.num_tensors > 1 else ""
             lines.append(f"  fused x{g.num_tensors} on {g.device}: {g.regions[0]}{more}")

@@ -188,3 +188,13 @@ def test_negative_extreme_near_float32_max_stays_finite(fmt):
     x = torch.tensor([-big, big * 0.5, 1.0, 0.0])
     y = lbc.dequantize(lbc.quantize(x, fmt))
     assert torch.isfinite(y).all() and y[0] < 0 and y[1] > 0
+
+
+@given(data=st.data(), fmt=formats())
+def test_count_below_equals_searchsorted(data, fmt):
+    """The reference encoder's branchless search against torch's own, at random values, every midpoint and their
+    float32 neighbours."""
+    mid = fmt.midpoints
+    y = torch.cat([data.draw(tensors(64, signed=fmt.signed)).clamp(-1, 1), mid, torch.nextafter(mid, mid + 1),
+                   torch.nextafter(mid, mid - 1), torch.tensor([-1.0, 0.0, 1.0])])
+    assert torch.equal(F.count_below(y, mid, fmt.bits), torch.searchsorted(mid, y))

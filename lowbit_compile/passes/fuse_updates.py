@@ -184,8 +184,8 @@ def _fusable_on(device: torch.device) -> str | None:
         return None
     if device.type == "cuda":
         return "TRITON_INTERPRET=1 is set: the interpreter runs only CPU tensors, so CUDA regions keep their anchors"
-    return (f"regions on {device.type} stay ATen for inductor's C++ (the fused Triton kernel runs on CUDA, or on "
-            "the CPU under TRITON_INTERPRET=1)")
+    return (f"regions on {device.type} keep their anchors: the fused Triton kernel runs on CUDA, or on the CPU under "
+            "TRITON_INTERPRET=1 (backend='lowbit' hands plain-CPU graphs to inductor's C++ with the anchors decomposed)")
 
 
 def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileReport:
