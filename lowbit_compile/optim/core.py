@@ -621,12 +621,7 @@ class Optimizer(torch.optim.Optimizer):
             hook(self)
 
     def _plan_load(self, state_dict: dict):
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("load_state_dict expects a dict with 'state' and 'param_groups' (from state_dict())")
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the loaded state dict has {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
+        saved_groups, saved_state = saved_groups_and_state(state_dict, len(self.param_groups))
         copies, assignments = [], []
         for index, (group, plan, saved) in enumerate(zip(self.param_groups, self._plans, saved_groups)):
             where = f"param_groups[{index}]"
@@ -683,6 +678,17 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if _serialisable_groups not in self._optimizer_state_dict_post_hooks.values():
             self.register_state_dict_post_hook(_serialisable_groups, prepend=True)
+
+
+def saved_groups_and_state(state_dict, num_groups: int) -> tuple[list, dict]:
+    """``(param_groups, state)`` of a ``state_dict()`` after checking its outline and group count."""
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError("load_state_dict expects a dict with 'state' and 'param_groups' (from state_dict())")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != num_groups:
+        raise ValueError(f"the loaded state dict has {len(saved_groups)} param groups, this optimizer has "
+                         f"{num_groups}")
+    return saved_groups, saved_state
 
 
 def _plan_fill(where: str, current, value) -> list:

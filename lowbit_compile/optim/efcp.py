@@ -43,7 +43,7 @@ import torch
 from ..formats import Q8, Plain, Quantized, as_format
 from ..templates import efcp as kernels
 from .core import Optimizer as _RuleOptimizer
-from .core import ParamGroup, StateReport, StateRow
+from .core import ParamGroup, StateReport, StateRow, saved_groups_and_state
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPRESSORS = ("topk", "lowrank")
@@ -394,12 +394,7 @@ class _ErrorFeedbackPreconditioner(torch.optim.Optimizer):
         """Load a ``state_dict()`` of an optimizer with the same groups and options. Everything is checked before
         anything is written; values are copied into the existing tensors and never cast (the float64 Gram matrix
         and fp32 scales stay so on bf16 parameters)."""
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("load_state_dict expects a dict with 'state' and 'param_groups' (from state_dict())")
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}")
+        saved_groups, saved_state = saved_groups_and_state(state_dict, len(self.param_groups))
         copies, fills = [], []
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             where = f"param_groups[{gi}]"
