@@ -563,10 +563,7 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure: Callable | None = None):
         """One update of every parameter that has a gradient; ``closure`` (re-evaluating the loss) runs first with
         gradients enabled and its result is returned."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         with torch.no_grad():
             for plan in self._plans:
                 _step_group(plan)
@@ -678,6 +675,14 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if _serialisable_groups not in self._optimizer_state_dict_post_hooks.values():
             self.register_state_dict_post_hook(_serialisable_groups, prepend=True)
+
+
+def evaluate_closure(closure: Callable | None):
+    """torch.optim's closure protocol: re-evaluate the loss with gradients enabled (also inside a no_grad step)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def saved_groups_and_state(state_dict, num_groups: int) -> tuple[list, dict]:

@@ -43,7 +43,7 @@ import torch
 from ..formats import Q8, Plain, Quantized, as_format
 from ..templates import efcp as kernels
 from .core import Optimizer as _RuleOptimizer
-from .core import ParamGroup, StateReport, StateRow, saved_groups_and_state
+from .core import ParamGroup, StateReport, StateRow, evaluate_closure, saved_groups_and_state
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPRESSORS = ("topk", "lowrank")
@@ -274,10 +274,7 @@ class _ErrorFeedbackPreconditioner(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """One update of every group with at least one gradient; ``closure`` runs first with gradients enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             grads = [p.grad for p in group["params"]]
             if all(g is None for g in grads):

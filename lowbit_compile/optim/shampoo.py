@@ -63,6 +63,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from .. import ops  # noqa: F401  (registers torch.ops.lowbit.dequant / requant_)
 from ..formats import Q4, Q8, Quantized, decode, encode
 from . import rules
+from .core import evaluate_closure
 
 GRAFTINGS = ("adamw", "sgd")
 SHAMPOO_BITS = (4, 32)
@@ -524,10 +525,7 @@ class Shampoo(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         grads = [p.grad for p in self._params]
         for i, g in enumerate(grads):
             if g is not None and (g.is_sparse or g.shape != self._params[i].shape):

@@ -167,24 +167,9 @@ def _neg(op):
     return f"(-{op.x(0)})"
 
 
-@pointwise("aten.abs.default")
-def _abs(op):
-    return f"tl.abs({op.x(0)})"
-
-
 @pointwise("aten.reciprocal.default")
 def _reciprocal(op):
     return _true_div("1.0", op.x(0))
-
-
-@pointwise("aten.sqrt.default")
-def _sqrt(op):
-    return f"tl.sqrt({op.x(0)})"
-
-
-@pointwise("aten.rsqrt.default")
-def _rsqrt(op):
-    return f"tl.math.rsqrt({op.x(0)})"
 
 
 @pointwise("aten.square.default")
@@ -196,7 +181,8 @@ def _unary(fn: str):
     return lambda op: f"{fn}({op.x(0)})"
 
 
-for _name, _fn in {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sin": "tl.sin",
+for _name, _fn in {"abs": "tl.abs", "sqrt": "tl.sqrt", "rsqrt": "tl.math.rsqrt", "exp": "tl.exp", "exp2": "tl.exp2",
+                   "log": "tl.log", "log2": "tl.log2", "sin": "tl.sin",
                    "cos": "tl.cos", "erf": "tl.erf", "floor": "tl.floor", "ceil": "tl.ceil", "sign": "_sign",
                    "sgn": "_sign", "tanh": "_tanh", "round": "_rint"}.items():
     pointwise(f"aten.{_name}.default")(_unary(_fn))
