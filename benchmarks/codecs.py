@@ -52,7 +52,7 @@ def check_correctness(fmt: F.Quantized, numel: int, device) -> dict:
 
 def check_every_float_in_unit_interval(fmt: F.Quantized, device, stride: int = 1) -> dict:
     """Code of every ``stride``-th float32 in [-1, 1] (both signs, from bit patterns) vs searchsorted."""
-    midpoints = C.codec_tables(fmt, device)[1]
+    midpoints = fmt.midpoints.to(device)
     one = 0x3F800000
     chunk = 1 << 27
     checked = mismatches = 0

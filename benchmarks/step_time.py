@@ -302,6 +302,49 @@ def measure(workload: Workload, contender: Contender, device: torch.device, band
     return row
 
 
+def measured_row(workload: Workload, contender: Contender, device: torch.device, bandwidth: float, target_s: float,
+                 min_reps: int) -> Row:
+    """``measure``, or a row that says why it failed; device memory released after either."""
+    try:
+        row = measure(workload, contender, device, bandwidth, target_s, min_reps)
+    except Exception as error:
+        row = Row(workload.name, contender.name, f"failed: {type(error).__name__}: {error}"[:300],
+                  error_trace=traceback.format_exc()[-4000:])
+    release(device)
+    return row
+
+
+def print_row(row: Row) -> None:
+    print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "error_trace"}), flush=True)
+
+
+def tile_sweep(device: torch.device, bandwidth: float, configs: list[tuple[int, int, int]], target_s: float,
+               min_reps: int) -> list[Row]:
+    """Our 8-bit and 4-bit AdamW on the first workload with each (elements per tile, warps, tiles per program) of
+    the fused kernel: the data behind ``GPU_TILE_ELEMENTS``/``GPU_NUM_WARPS``/``GPU_TILES_PER_PROGRAM``."""
+    from lowbit_compile.templates import fused_update
+
+    default = (fused_update.GPU_TILE_ELEMENTS, fused_update.GPU_NUM_WARPS, fused_update.GPU_TILES_PER_PROGRAM)
+    workload = workloads(cpu_smoke=device.type != "cuda")[0]
+    rows = []
+    try:
+        for elements, warps, tiles in configs:
+            fused_update.GPU_TILE_ELEMENTS, fused_update.GPU_NUM_WARPS = elements, warps
+            fused_update.GPU_TILES_PER_PROGRAM = tiles
+            for contender in CONTENDERS:
+                if contender.name not in ("lowbit AdamW 8-bit", "lowbit AdamW 4-bit"):
+                    continue
+                named = dataclasses.replace(contender, name=f"{contender.name} [tile {elements}/{warps}w x{tiles}]")
+                fused_update._KERNELS.clear()  # pointer tables are laid out per tile size
+                rows.append(measured_row(workload, named, device, bandwidth, target_s, min_reps))
+                print_row(rows[-1])
+    finally:
+        (fused_update.GPU_TILE_ELEMENTS, fused_update.GPU_NUM_WARPS,
+         fused_update.GPU_TILES_PER_PROGRAM) = default
+        fused_update._KERNELS.clear()
+    return rows
+
+
 def release(device: torch.device) -> None:
     torch._dynamo.reset()
     gc.collect()
@@ -328,14 +371,9 @@ def run_all(device: torch.device, cpu_smoke: bool, budget_s: float, target_s: fl
             elif time.perf_counter() > deadline:
                 row = Row(workload.name, contender.name, f"skipped: time budget of {budget_s:.0f} s spent")
             else:
-                try:
-                    row = measure(workload, contender, device, bandwidth, target_s, min_reps)
-                except Exception as error:
-                    row = Row(workload.name, contender.name, f"failed: {type(error).__name__}: {error}"[:300],
-                              error_trace=traceback.format_exc()[-4000:])
-                release(device)
+                row = measured_row(workload, contender, device, bandwidth, target_s, min_reps)
             rows.append(row)
-            print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "error_trace"}), flush=True)
+            print_row(row)
     return bandwidth, rows
 
 
@@ -423,6 +461,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--min-reps", type=int, default=10, help="timed steps per row at least")
     parser.add_argument("--workloads", help="comma-separated substrings of workload names to run (default: all)")
     parser.add_argument("--optimizers", help="comma-separated substrings of optimizer names to run (default: all)")
+    parser.add_argument("--tile-sweep", default="",
+                        help="comma-separated ELEMENTSxWARPSxTILES fused-kernel launch shapes to time after the main "
+                             "table (e.g. 1024x4x1,1024x4x8)")
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -438,6 +479,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     bandwidth, rows = run_all(device, args.cpu_smoke, args.budget_s, args.target_s, args.min_reps,
                               args.workloads.split(",") if args.workloads else None,
                               args.optimizers.split(",") if args.optimizers else None)
+    if args.tile_sweep:
+        configs = [tuple(int(n) for n in item.split("x")) for item in args.tile_sweep.split(",")]
+        rows += tile_sweep(device, bandwidth, configs, args.target_s, args.min_reps)
     meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                 or "cpu", torch=torch.__version__, triton=_version("triton"), bitsandbytes=_version("bitsandbytes"),
                 torchao=_version("torchao"), python=platform.python_version(),

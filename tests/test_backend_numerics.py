@@ -320,6 +320,21 @@ def test_lowbit_inductor_matches_eager(case):
     assert_problems_close(got, want, steps=3)
 
 
+def test_programs_walking_several_tiles(monkeypatch):
+    """The GPU launch shape (several tiles per program, the last ones past a tensor's end) under the interpreter:
+    512-element tiles, 3 per program, over tensors ending inside a tile, on a tile edge and inside a program."""
+    from lowbit_compile.templates import fused_update
+    monkeypatch.setattr(fused_update, "INTERPRETER_TILE_ELEMENTS", 512)
+    monkeypatch.setattr(fused_update, "INTERPRETER_TILES_PER_PROGRAM", 3)
+    monkeypatch.setattr(fused_update, "_KERNELS", {})
+    formats = (F.Q8(min_quant_numel=0), F.Q4(signed=False, min_quant_numel=0))
+    problem = make_problem([(1536,), (2000,), (7, 73), (1,)], formats, hp=RULES["adamw"][2], seed=8, nonfinite=0.02)
+    got, want = run_both(problem, adamw, "lowbit_aot_eager", steps=2, grad_seed=9, nonfinite=0.02)
+    assert_all_fused(4)
+    assert_problems_close(got, want, steps=2)
+    assert got.nonfinite.item() == want.nonfinite.item() > 0
+
+
 @pytest.mark.parametrize("backend", ["lowbit", "lowbit_aot_eager"])
 def test_nonfinite_gradients_leave_state_untouched_and_are_counted(backend):
     formats = (F.Q8(min_quant_numel=0), F.Q4(signed=False, min_quant_numel=0))

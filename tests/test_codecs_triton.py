@@ -204,10 +204,11 @@ def test_codec_constants_and_tables(device):
     assert C.codec_constants(F.Q4(False))["MAP"] == C.MAP_LINEAR
     assert C.codec_constants(F.Q4(map="linear2"))["MAP"] == C.MAP_LINEAR2
     assert C.codec_constants(F.Q8())["LOWEST"] == float(F.Q8().codebook[0])
-    codebook, midpoints = C.codec_tables(F.Q8(), device)
+    codebook, lower = C.codec_tables(F.Q8(), device)
     again = C.codec_tables("Q8:dynamic:s:256", device)
-    assert codebook is again[0] and midpoints is again[1]
-    assert torch.equal(codebook.cpu(), F.Q8().codebook) and torch.equal(midpoints.cpu(), F.Q8().midpoints)
+    assert codebook is again[0] and lower is again[1]
+    assert torch.equal(codebook.cpu(), F.Q8().codebook)
+    assert lower[0] == float("-inf") and torch.equal(lower[1:].cpu(), F.Q8().midpoints)
 
 
 def test_bad_input_names_the_parameter(device):
@@ -293,7 +294,7 @@ class TestOnGPU:
     @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
     def test_encoder_on_every_float32_in_unit_interval(self, fmt):
         """Every float32 in [-1, 1] (2 * 0x3F800001 bit patterns, both zeros): code == searchsorted(midpoints, y)."""
-        midpoints = C.codec_tables(fmt, "cuda")[1]
+        midpoints = fmt.midpoints.to("cuda")
         one = 0x3F800000  # bit pattern of 1.0
         chunk = 1 << 27
         for sign in (0, -(2**31)):

@@ -8,7 +8,8 @@ inductor's ``prims.fma``, need no version checks). Both graph flavours are cover
 Semantics follow ATen: arithmetic runs in the node's result dtype (bf16/fp16 results are computed in fp32 and rounded
 to nearest even, as ATen's opmath does); comparisons in the promoted dtype of their operands. Under the interpreter
 every fp32 operation is IEEE (numpy). On the GPU ``/``, ``sqrt`` and ``rsqrt`` are Triton's fast forms (``div.full``,
-2 ulp; ``sqrt.approx``/``rsqrt.approx``, about 1 ulp): correctly rounded ``div_rn``/``sqrt_rn`` cost ~10 instructions
+2 ulp; ``sqrt.approx``/``rsqrt.approx``, about 1 ulp; a tensor divided by a 0-d scalar or a number is multiplied by
+the correctly rounded reciprocal, computed once per program, 1.5 ulp): correctly rounded ``div_rn``/``sqrt_rn`` cost ~10 instructions
 each and the fused kernel must stay memory-bound; ``exp``/``log``/``pow`` (exp2/log2 based) are a few ulp from torch's
 (``pow``'s error grows with ``|y * log2 x|``). Triton may also contract a multiply and an add into an FMA.
 """
@@ -148,6 +149,10 @@ def _true_div(a: str, b: str) -> str:
 
 @pointwise("aten.div.Tensor", "aten.div.Scalar", "aten.true_divide.Tensor")
 def _div(op):
+    dividend, divisor = op.arg(0), op.arg(1)
+    by_scalar = not isinstance(divisor, Value) or divisor.scalar
+    if op.compute == torch.float32 and by_scalar and isinstance(dividend, Value) and not dividend.scalar:
+        return f"_div_by_scalar({op.x(0)}, {op.x(1)})"
     return _true_div(op.x(0), op.x(1))
 
 

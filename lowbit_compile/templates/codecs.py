@@ -4,12 +4,12 @@ The ``@triton.jit`` building blocks below work on a tile of ``R`` whole blocks (
 padding lanes hold 0.0) and are what generated fused kernels call:
 
     block_scale(x, SIGNED, LOWEST)                      -> fp32 [R]        (formats.block_scale)
-    encode(x, scale, mid_ptr, BITS, MAP, SIGNED)        -> int32 [R, BLOCK] (formats.encode's codes)
+    encode(x, scale, lower_ptr, BITS, MAP, SIGNED)        -> int32 [R, BLOCK] (formats.encode's codes)
     decode(codes, scale, codebook_ptr)                  -> fp32 [R, BLOCK]
     pack_nibbles(codes) -> uint8 [R, BLOCK // 2]        unpack_nibbles(bytes) -> int32 [R, BLOCK]
 
-``codec_constants(fmt)`` gives their constexpr arguments, ``codec_tables(fmt, device)`` the codebook and midpoint
-tensors (one cached pair per format and device, so every kernel sees the same pointers).
+``codec_constants(fmt)`` gives their constexpr arguments, ``codec_tables(fmt, device)`` the codebook and the lower
+decision boundary of every code (one cached pair per format and device, so every kernel sees the same pointers).
 
 How the 8-bit dynamic encoder avoids a search: the dynamic map's positive levels are, decade by decade, evenly
 spaced cell centres (formats.dynamic_map). Numbering the positive levels 0, 1, 2, ... the function "continuous level
@@ -23,14 +23,16 @@ the one between 0 and the smallest level at ``-0.306`` (signed) / ``-0.361`` (un
 for every y, as long as the fp32 error of est stays below EPS (it is ~1e-5; EPS = 1/64). The level 1.0 breaks the
 pattern (it sits half a step above the last decade's grid); one comparison with the second-highest level sends
 everything above it to the top code, which again is exact or one above. One gather of the exact midpoint table then
-settles it: ``code -= y <= midpoints[code - 1]``. Tests check every midpoint and its fp32 neighbours (CPU) and
+settles it: ``code -= y <= lower[code]`` (``lower[c] = midpoints[c - 1]``, ``lower[0] = -inf``). Tests check every midpoint and its fp32 neighbours (CPU) and
 every fp32 in [-1, 1] (GPU). Other maps: the 4-bit linear map has a closed form, the other 4-bit maps a 4-step
 binary search of their 15 midpoints (fewer instructions than the analytic route at 16 levels).
 
-Cost notes (the kernels are memory-bound only if they stay under ~45 instructions per element on an H100): the
-midpoint tables are gathered with ``tl.gather`` from a copy held by the program (a gather through a pointer gets a
-layout of its own and costs two shared-memory layout conversions); the block maxima are integer reductions of the
-fp32 bits; ``y = x / scale`` uses one reciprocal per row (see ``_divide_rows``).
+Cost notes (a fused optimizer kernel moves ~16 bytes per element and runs two encodes and two decodes, so every
+instruction per element counts on an H100): table reads (codebook, boundaries) go through ``table_lookup``, an
+elementwise load written as inline PTX, because a ``tl.load`` gather, or a ``tl.gather`` from a register copy of
+the table, makes Triton pick a one-element-per-thread layout and convert every vectorized load and store through
+shared memory; the block maxima are integer reductions of the fp32 bits; ``y = x / scale`` uses one reciprocal
+per row (see ``_divide_rows``).
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ _LINEAR = tl.constexpr(MAP_LINEAR)
 # midpoint positions in the module docstring; the tests fail at 0 and at 0.32).
 _EPS = tl.constexpr(1.0 / 64.0)
 
-# Whether tl.fma rounds once (compiled code) rather than twice (Triton's interpreter).
-_FMA_IS_FUSED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# Compiled code, as opposed to Triton's interpreter (where tl.fma rounds twice and inline PTX does not run).
+COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,9 +86,21 @@ def codec_constants(fmt) -> dict:
 
 
 def codec_tables(fmt, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codebook, midpoints)`` of ``fmt`` as fp32 tensors on ``device``; the same tensor objects on every call
-    (stable pointers for CUDA graphs and pointer tables). Do not modify them."""
-    return tables(_quantized(fmt), device)
+    """``(codebook, lower)`` of ``fmt`` as fp32 tensors on ``device``: ``lower[c]`` is the decision boundary below
+    code ``c`` (``midpoints[c - 1]``, and -inf for code 0), so that an encoder compares with ``lower[code]`` without
+    an index shift or a bounds test. The same tensor objects on every call (stable pointers for CUDA graphs and
+    pointer tables). Do not modify them."""
+    fmt = _quantized(fmt)
+    codebook, midpoints = tables(fmt, device)
+    key = (fmt.map, fmt.bits, fmt.signed, codebook.device)
+    lower = _LOWER_BOUNDS.get(key)
+    if lower is None:
+        lower = torch.cat([midpoints.new_full((1,), float("-inf")), midpoints]).contiguous()
+        _LOWER_BOUNDS[key] = lower
+    return codebook, lower
+
+
+_LOWER_BOUNDS: dict[tuple, torch.Tensor] = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,7 +151,7 @@ def _dynamic_level_estimate(a, DECADES: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _encode_dynamic(y, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+def _encode_dynamic(y, lower_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
     DECADES: tl.constexpr = BITS - 1  # max_exponent_bits of formats._MAPS' dynamic maps
     FIRST_DECADE_LEVELS: tl.constexpr = 1 if SIGNED else 2
     TOP_DECADE_LEVELS: tl.constexpr = FIRST_DECADE_LEVELS * (1 << (DECADES - 1))
@@ -158,17 +172,22 @@ def _encode_dynamic(y, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
     # input (unspecified codes) inside the table.
     code = tl.minimum(tl.maximum(code, 0), MAX_CODE)
     # The candidate is the exact code or one above it.
-    return code - (y <= _midpoint_below(code, mid_ptr, BITS)).to(tl.int32)
+    return code - (y <= table_lookup(lower_ptr, code)).to(tl.int32)
 
 
 @triton.jit
-def _midpoint_below(code, mid_ptr, BITS: tl.constexpr):
-    """``midpoints[code - 1]`` (-inf for code 0), gathered from a copy of the table held by the program."""
-    LEVELS: tl.constexpr = 1 << BITS
-    index = tl.arange(0, LEVELS)
-    table = tl.load(mid_ptr + index - 1, mask=index > 0, other=float("-inf"))
-    NUMEL: tl.constexpr = code.shape[0] * code.shape[1]
-    return tl.reshape(tl.gather(table, tl.reshape(code, (NUMEL,)), 0), code.shape)
+def table_lookup(table_ptr, index):
+    """``table_ptr[index]`` elementwise for a small fp32 table, in ``index``'s own register layout.
+
+    Compiled, this is one read-only-cache load per element written as inline PTX: as a ``tl.load`` the gather would
+    get a one-element-per-thread layout from Triton's coalescing pass, which then spreads to the whole kernel and
+    costs shared-memory layout conversions on every vectorized load and store. The interpreter runs ``tl.load``."""
+    if COMPILED:
+        address = table_ptr.to(tl.int64, bitcast=True) + index.to(tl.int64) * 4
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [address], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(table_ptr + index)
 
 
 @triton.jit
@@ -181,23 +200,13 @@ def _encode_linear(y, BITS: tl.constexpr):
 
 
 @triton.jit
-def _search_step(y, code, table, STEP: tl.constexpr):
-    probe = code + (STEP - 1)
-    NUMEL: tl.constexpr = y.shape[0] * y.shape[1]
-    midpoint = tl.reshape(tl.gather(table, tl.reshape(probe, (NUMEL,)), 0), y.shape)
-    return code + tl.where(y > midpoint, STEP, 0)
-
-
-@triton.jit
-def _encode_by_search(y, mid_ptr, BITS: tl.constexpr):
+def _encode_by_search(y, lower_ptr, BITS: tl.constexpr):
     """Branchless binary search of the sorted midpoints (exact by construction): BITS comparisons per element."""
-    LEVELS: tl.constexpr = 1 << BITS
-    HALF: tl.constexpr = LEVELS // 2
-    index = tl.arange(0, LEVELS)
-    table = tl.load(mid_ptr + index, mask=index < LEVELS - 1, other=float("inf"))
-    code = tl.where(y > tl.load(mid_ptr + HALF - 1), HALF, 0)
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    code = tl.where(y > tl.load(lower_ptr + HALF), HALF, 0)
     for level in tl.static_range(1, BITS):
-        code = _search_step(y, code, table, HALF >> level)
+        step = HALF >> level
+        code += tl.where(y > table_lookup(lower_ptr, code + step), step, 0)
     return code
 
 
@@ -214,7 +223,7 @@ def _divide_rows(x, scale):
     below every midpoint (> 1e-7), so the code is the same. Triton's interpreter rounds fma twice, so under it
     the plain IEEE division is used."""
     positive = scale > 0
-    if _FMA_IS_FUSED:
+    if COMPILED:
         exponent = (scale.to(tl.int32, bitcast=True) >> 23) & 0xFF
         shift = tl.minimum(tl.maximum(127 - exponent, -126), 127)
         factor = ((shift + 127) << 23).to(tl.float32, bitcast=True)
@@ -230,26 +239,26 @@ def _divide_rows(x, scale):
 
 
 @triton.jit
-def encode(x, scale, mid_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
+def encode(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
     """int32 codes of an fp32 ``[R, BLOCK]`` tile given its per-row ``scale = block_scale(x)`` [R]: ``y = x / scale``
-    (IEEE round-to-nearest division; 0 in all-zero rows), code = number of midpoints (``mid_ptr``, fp32) strictly
-    below y."""
+    (IEEE round-to-nearest division; 0 in all-zero rows), code = number of midpoints strictly below y
+    (``lower_ptr``: the boundaries table of ``codec_tables``)."""
     y = _divide_rows(x, scale)
     # The cheapest exact encoder per map, by instruction count of the compiled sm_90 kernels: analytic for the
     # 8-bit dynamic maps, closed form for the linear map, a 4-step search for the other 4-bit maps.
     if MAP == _DYNAMIC and BITS == 8:
-        code = _encode_dynamic(y, mid_ptr, BITS, SIGNED)
+        code = _encode_dynamic(y, lower_ptr, BITS, SIGNED)
     elif MAP == _LINEAR:
         code = _encode_linear(y, BITS)
     else:
-        code = _encode_by_search(y, mid_ptr, BITS)
+        code = _encode_by_search(y, lower_ptr, BITS)
     return code
 
 
 @triton.jit
 def decode(codes, scale, codebook_ptr):
     """fp32 values ``codebook[codes] * scale`` of an int32 ``[R, BLOCK]`` code tile with per-row ``scale`` [R]."""
-    return tl.load(codebook_ptr + codes) * scale[:, None]
+    return table_lookup(codebook_ptr, codes) * scale[:, None]
 
 
 @triton.jit
@@ -274,7 +283,7 @@ def unpack_nibbles(packed):
 # Standalone kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, absmax_ptr, mid_ptr, numel, num_blocks,
+def _quantize_kernel(x_ptr, codes_ptr, absmax_ptr, lower_ptr, numel, num_blocks,
                      BLOCK: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, MAP: tl.constexpr,
                      SIGNED: tl.constexpr, LOWEST: tl.constexpr):
     first_block = tl.program_id(0).to(tl.int64) * ROWS
@@ -285,7 +294,7 @@ def _quantize_kernel(x_ptr, codes_ptr, absmax_ptr, mid_ptr, numel, num_blocks,
 
     x = tl.load(x_ptr + first_block * BLOCK + local, mask=local < elements_left, other=0.0).to(tl.float32)
     scale = block_scale(x, SIGNED, LOWEST)
-    codes = encode(x, scale, mid_ptr, BITS, MAP, SIGNED)
+    codes = encode(x, scale, lower_ptr, BITS, MAP, SIGNED)
     tl.store(absmax_ptr + first_block + rows, scale, mask=row_ok)
     if BITS == 8:
         tl.store(codes_ptr + first_block * BLOCK + local, codes.to(tl.uint8), mask=row_ok[:, None])
@@ -316,12 +325,12 @@ def _dequantize_kernel(codes_ptr, absmax_ptr, codebook_ptr, out_ptr, numel, num_
 
 
 @triton.jit
-def _encode_normalized_kernel(y_ptr, codes_ptr, mid_ptr, numel, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+def _encode_normalized_kernel(y_ptr, codes_ptr, lower_ptr, numel, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                               BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * ROWS * BLOCK + (
         tl.arange(0, ROWS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
     y = tl.load(y_ptr + offsets, mask=offsets < numel, other=0.0)
-    codes = encode(y, tl.full((ROWS,), 1.0, tl.float32), mid_ptr, BITS, MAP, SIGNED)
+    codes = encode(y, tl.full((ROWS,), 1.0, tl.float32), lower_ptr, BITS, MAP, SIGNED)
     tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=offsets < numel)
 
 
@@ -378,10 +387,10 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, fm
         return
     flat = x.reshape(-1)  # copies only when x's strides do not allow a flat view
     constants = codec_constants(fmt)
-    _, midpoints = codec_tables(fmt, x.device)
+    _, lower = codec_tables(fmt, x.device)
     num_blocks = fmt.num_blocks(numel)
     rows, warps, grid = _launch_shape("quantize", fmt, num_blocks, elements_per_program, num_warps)
-    _quantize_kernel[grid](flat, codes, absmax, midpoints, numel, num_blocks, ROWS=rows, num_warps=warps,
+    _quantize_kernel[grid](flat, codes, absmax, lower, numel, num_blocks, ROWS=rows, num_warps=warps,
                            **constants)
 
 
@@ -435,9 +444,9 @@ def encode_normalized(y: torch.Tensor, fmt) -> torch.Tensor:
     if flat.numel() == 0:
         return codes.view(y.shape)
     constants = codec_constants(fmt)
-    _, midpoints = codec_tables(fmt, y.device)
+    _, lower = codec_tables(fmt, y.device)
     rows, warps, grid = _launch_shape("quantize", fmt, fmt.num_blocks(flat.numel()), None, None)
-    _encode_normalized_kernel[grid](flat, codes, midpoints, flat.numel(), BLOCK=fmt.block, ROWS=rows,
+    _encode_normalized_kernel[grid](flat, codes, lower, flat.numel(), BLOCK=fmt.block, ROWS=rows,
                                     BITS=fmt.bits, MAP=constants["MAP"], SIGNED=fmt.signed, num_warps=warps)
     return codes.view(y.shape)
 

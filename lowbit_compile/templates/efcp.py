@@ -213,7 +213,7 @@ def _load_error_feedback(ef_ptr, absmax_ptr, codebook_ptr, block_index, BLOCK: t
 
 
 @triton.jit
-def _store_error_feedback(e, ef_ptr, absmax_ptr, mid_ptr, block_index, BLOCK: tl.constexpr, EF_KIND: tl.constexpr,
+def _store_error_feedback(e, ef_ptr, absmax_ptr, lower_ptr, block_index, BLOCK: tl.constexpr, EF_KIND: tl.constexpr,
                           EF_BLOCK: tl.constexpr, EF_BITS: tl.constexpr, EF_MAP: tl.constexpr,
                           EF_LOWEST: tl.constexpr):
     lane = tl.arange(0, BLOCK)
@@ -229,7 +229,7 @@ def _store_error_feedback(e, ef_ptr, absmax_ptr, mid_ptr, block_index, BLOCK: tl
         rows = tl.arange(0, ROWS)
         tile = tl.reshape(e, (ROWS, EF_BLOCK))
         scale = block_scale(tile, True, EF_LOWEST)
-        codes = encode(tile, scale, mid_ptr, EF_BITS, EF_MAP, True)
+        codes = encode(tile, scale, lower_ptr, EF_BITS, EF_MAP, True)
         tl.store(absmax_ptr + block_index * ROWS + rows, scale)
         if EF_BITS == 8:
             tl.store(ef_ptr + block_index * BLOCK + rows[:, None] * EF_BLOCK + tl.arange(0, EF_BLOCK)[None, :],
@@ -263,7 +263,7 @@ def _ring_rows(index_low_ptr, index_high_ptr, codes_ptr, scale_ptr, codebook_ptr
 @triton.jit
 def _ef_compress_kernel(workspace_ptr, ef_ptr, ef_absmax_ptr, head_ptr,
                         index_low_ptr, index_high_ptr, codes_ptr, scale_ptr,
-                        ring_mid_ptr, ring_codebook_ptr, ef_mid_ptr, ef_codebook_ptr, numel, m,
+                        ring_lower_ptr, ring_codebook_ptr, ef_lower_ptr, ef_codebook_ptr, numel, m,
                         BLOCK: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr, HIGH_BYTES: tl.constexpr,
                         RING_BITS: tl.constexpr, RING_MAP: tl.constexpr, RING_LOWEST: tl.constexpr,
                         EF_KIND: tl.constexpr, EF_BLOCK: tl.constexpr, EF_BITS: tl.constexpr, EF_MAP: tl.constexpr,
@@ -285,9 +285,9 @@ def _ef_compress_kernel(workspace_ptr, ef_ptr, ef_absmax_ptr, head_ptr,
     # Zero lanes do not change the scale of the kept values (formats.block_scale over exactly those values).
     kept = tl.reshape(tl.where(keep, a, 0.0), (1, BLOCK))
     scale = block_scale(kept, True, RING_LOWEST)
-    codes = encode(kept, scale, ring_mid_ptr, RING_BITS, RING_MAP, True)
+    codes = encode(kept, scale, ring_lower_ptr, RING_BITS, RING_MAP, True)
     c = tl.where(keep, tl.reshape(decode(codes, scale, ring_codebook_ptr), (BLOCK,)), 0.0)
-    _store_error_feedback(a - c, ef_ptr, ef_absmax_ptr, ef_mid_ptr, b, BLOCK, EF_KIND, EF_BLOCK, EF_BITS, EF_MAP,
+    _store_error_feedback(a - c, ef_ptr, ef_absmax_ptr, ef_lower_ptr, b, BLOCK, EF_KIND, EF_BLOCK, EF_BITS, EF_MAP,
                           EF_LOWEST)
     tl.store(workspace_ptr + offsets, c)
 
@@ -388,12 +388,12 @@ def ef_compress_(workspace: torch.Tensor, ef: ErrorFeedback, ring: SparseRing, h
                  layout: RingLayout) -> None:
     """Step 1 (see the module docstring). ``workspace``: fp32 [padded_numel] holding the gradient in its first
     ``numel`` elements, overwritten with the dense compressed vector c. ``head``: int64 0-d, the slot written."""
-    ring_codebook, ring_midpoints = codec_tables(RING_VALUE_FORMAT, workspace.device)
+    ring_codebook, ring_lower = codec_tables(RING_VALUE_FORMAT, workspace.device)
     ring_constants = codec_constants(RING_VALUE_FORMAT)
-    ef_codebook, ef_midpoints = _ef_tables(ef, workspace.device)
+    ef_codebook, ef_lower = _ef_tables(ef, workspace.device)
     ef_values = ef.values.view(torch.int16) if ef.values.dtype == torch.bfloat16 else ef.values
     _ef_compress_kernel[(layout.num_blocks,)](
-        workspace, ef_values, ef.absmax, head, *ring, ring_midpoints, ring_codebook, ef_midpoints, ef_codebook,
+        workspace, ef_values, ef.absmax, head, *ring, ring_lower, ring_codebook, ef_lower, ef_codebook,
         layout.numel, layout.m, BLOCK=layout.block, K=layout.k, K_POW2=layout.k_pow2,
         HIGH_BYTES=layout.high_bytes, RING_BITS=ring_constants["BITS"], RING_MAP=ring_constants["MAP"],
         RING_LOWEST=ring_constants["LOWEST"], **_ef_constants(ef),

@@ -160,6 +160,16 @@ def _pow(x, y):
 
 
 @triton.jit
+def _div_by_scalar(x, divisor):
+    # One correctly rounded reciprocal per program and a multiply per element instead of a division per element.
+    # The interpreter keeps IEEE division so that CPU tests compare exactly with torch.
+    if codecs.COMPILED:
+        return x * tl.math.div_rn(tl.full((), 1.0, tl.float32), divisor)
+    else:
+        return x / divisor
+
+
+@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0)).to(x.dtype)
 
@@ -221,52 +231,73 @@ class TileShape:
     rows: int
     cols: int
     num_warps: int
+    tiles_per_program: int = 1
 
     @property
     def elements(self) -> int:
         return self.rows * self.cols
 
+    @property
+    def program_elements(self) -> int:
+        return self.elements * self.tiles_per_program
 
-# Elements per program and warps on the GPU. The kernel does ~200 instructions per element (two encodes dominate), so
-# it is close to compute-bound: registers decide occupancy. Offline sm_90 compiles of the 8-bit AdamW kernel give
-# (elements/warps: registers, SASS instructions per element) 512/4: 72, 294; 1024/4: 116, 235; 2048/8: 128, 232;
-# 2048/4: 198, 190; 4096/8: 210, 186. 1024/4 keeps 16 warps per SM resident at a near-best instruction count.
+
+# Elements per tile and warps on the GPU. Offline sm_90 compiles of the 8-bit AdamW kernel give (elements/warps:
+# registers, SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177. Timed on the H100
+# (8-bit AdamW, 16 x 4096^2 fp32, ms per 1G elements, 1/2/4/8 tiles per program): 1024/4: 8.6/7.1/7.3/7.1;
+# 2048/8 x4: 7.9; 512/4 x4: 7.5; 1024/8 x4: 9.7 (4-bit: 1024/4: 9.0/-/8.1/8.0). 1024/4 keeps one 256-element
+# row per warp, so block maxima are warp reductions.
 GPU_TILE_ELEMENTS = 1024
 GPU_NUM_WARPS = 4
+# Tiles one program walks through in a loop: a program first chases the launch tables (tensor index, element count,
+# data pointers: dependent loads), which the tiles of one tensor then share.
+GPU_TILES_PER_PROGRAM = 8
 # The interpreter runs a program's lanes as numpy arrays: fewer, larger programs are faster.
 INTERPRETER_TILE_ELEMENTS = 4096
+INTERPRETER_TILES_PER_PROGRAM = 1
 
 
 def tile_shape(spec: KernelSpec, device_type: str) -> TileShape:
     """Columns = the largest quantized block (every quantized role then covers whole blocks per tile; smaller
     blocks are reshaped), rows fill the tile."""
     cols = max(spec.quantized_block_sizes, default=256)
-    elements = GPU_TILE_ELEMENTS if device_type == "cuda" else INTERPRETER_TILE_ELEMENTS
-    return TileShape(max(1, elements // cols), cols, GPU_NUM_WARPS)
+    if device_type == "cuda":
+        return TileShape(max(1, GPU_TILE_ELEMENTS // cols), cols, GPU_NUM_WARPS, GPU_TILES_PER_PROGRAM)
+    return TileShape(max(1, INTERPRETER_TILE_ELEMENTS // cols), cols, GPU_NUM_WARPS, INTERPRETER_TILES_PER_PROGRAM)
 
 
 def _referenced(name: str, text: str) -> bool:
     return re.search(rf"\b{name}\b", text) is not None
 
 
-def _quantized_pointers(lines: list[str], name: str, fmt: Quantized, tab: str) -> None:
+@dataclasses.dataclass
+class _Source:
+    """Kernel body lines: ``prologue`` runs once per program, ``loop`` once per tile."""
+
+    prologue: list[str]
+    loop: list[str]
+
+
+def _quantized_pointers(src: _Source, name: str, fmt: Quantized, tab: str) -> None:
     """The tile's blocks of a quantized role: row index, which rows exist, codes and scales pointers."""
-    if any(line.startswith(f"{name}_rows =") for line in lines):
+    if any(line.startswith(f"{name}_rows =") for line in src.loop):
         return
     b = fmt.block
-    lines += [f"{name}_rows = tl.arange(0, TILE // {b})", f"{name}_row_ok = {name}_rows < (left + {b - 1}) // {b}"]
-    _table_pointer(lines, f"{name}_codes_ptr", f"{tab}_codes", "tl.uint8", f"start // {8 // fmt.bits}")
-    _table_pointer(lines, f"{name}_scale_ptr", f"{tab}_scales", "tl.float32", f"tile * (TILE // {b})")
+    src.loop += [f"{name}_rows = tl.arange(0, TILE // {b})",
+                 f"{name}_row_ok = {name}_rows < (left + {b - 1}) // {b}"]
+    _table_pointer(src, f"{name}_codes_ptr", f"{tab}_codes", "tl.uint8", f"start // {8 // fmt.bits}")
+    _table_pointer(src, f"{name}_scale_ptr", f"{tab}_scales", "tl.float32", f"start // {b}")
 
 
-def _table_pointer(lines: list[str], name: str, table: str, dtype: str, offset: str) -> None:
-    """``name`` = this tensor's address from ``table`` as a ``dtype`` pointer, advanced by ``offset`` elements. When
-    the launcher found every address a multiple of 16 bytes (ALIGNED), the kernel is told so and vectorizes; the
-    hint must sit in the kernel body, on the pointer (a hint inside a called function is lost)."""
-    lines += [f"{name} = tl.load({table} + t).to(tl.pointer_type({dtype}))",
-              "if ALIGNED:",
-              f"    {name} = tl.multiple_of({name}, 16)",
-              f"{name} = {name} + {offset}"]
+def _table_pointer(src: _Source, name: str, table: str, dtype: str, offset: str) -> None:
+    """``name`` = this tensor's address from ``table`` as a ``dtype`` pointer (loaded once per program), advanced
+    by ``offset`` elements. When the launcher found every address a multiple of 16 bytes (ALIGNED), the kernel is
+    told so and vectorizes; the hint must sit in the kernel body, on the pointer (a hint inside a called function
+    is lost)."""
+    src.prologue += [f"{name}_base = tl.load({table} + t).to(tl.pointer_type({dtype}))",
+                     "if ALIGNED:",
+                     f"    {name}_base = tl.multiple_of({name}_base, 16)"]
+    src.loop.append(f"{name} = {name}_base + {offset}")
 
 
 def _code_offsets(name: str, fmt: Quantized) -> str:
@@ -274,26 +305,26 @@ def _code_offsets(name: str, fmt: Quantized) -> str:
     return f"{name}_rows[:, None] * {width} + tl.arange(0, {width})[None, :]"
 
 
-def _load_quantized(lines: list[str], name: str, fmt: Quantized, tab: str) -> None:
+def _load_quantized(src: _Source, name: str, fmt: Quantized, tab: str) -> None:
     """Decode the tile's blocks of a quantized role into ``name`` ([ROWS, COLS] fp32)."""
-    _quantized_pointers(lines, name, fmt, tab)
+    _quantized_pointers(src, name, fmt, tab)
     codes = (f"tl.load({name}_codes_ptr + {_code_offsets(name, fmt)}, mask={name}_row_ok[:, None], other=0)")
-    lines += [
+    src.loop += [
         f"{name}_scale = tl.load({name}_scale_ptr + {name}_rows, mask={name}_row_ok, other=0.0)",
         f"{name}_codes = " + (f"{codes}.to(tl.int32)" if fmt.bits == 8 else f"codecs.unpack_nibbles({codes})"),
         f"{name} = tl.reshape(codecs.decode({name}_codes, {name}_scale, {tab}_codebook), [ROWS, COLS])",
     ]
 
 
-def _store_quantized(lines: list[str], name: str, value: str, fmt: Quantized, tab: str) -> None:
+def _store_quantized(src: _Source, name: str, value: str, fmt: Quantized, tab: str) -> None:
     """Encode ``value`` into the role's codes and scales; padding lanes count as 0 (as formats.encode pads)."""
-    _quantized_pointers(lines, name, fmt, tab)
+    _quantized_pointers(src, name, fmt, tab)
     b, constants = fmt.block, codec_constants(fmt)
     codes = f"{name}_new_codes.to(tl.uint8)" if fmt.bits == 8 else f"codecs.pack_nibbles({name}_new_codes)"
-    lines += [
+    src.loop += [
         f"{name}_new = tl.reshape(tl.where(inb, ({value}).to(tl.float32), 0.0), [TILE // {b}, {b}])",
         f"{name}_new_scale = codecs.block_scale({name}_new, {constants['SIGNED']}, {constants['LOWEST']!r})",
-        f"{name}_new_codes = codecs.encode({name}_new, {name}_new_scale, {tab}_midpoints, {constants['BITS']}, "
+        f"{name}_new_codes = codecs.encode({name}_new, {name}_new_scale, {tab}_lower, {constants['BITS']}, "
         f"{constants['MAP']}, {constants['SIGNED']})",
         f"tl.store({name}_scale_ptr + {name}_rows, {name}_new_scale, mask={name}_row_ok)",
         f"tl.store({name}_codes_ptr + {_code_offsets(name, fmt)}, {codes}, mask={name}_row_ok[:, None])",
@@ -308,53 +339,59 @@ def render_source(spec: KernelSpec) -> str:
 
 
 def _render_source(spec: KernelSpec) -> str:
-    args = ["tile_tensor", "tile_start", "numels"]
+    args = ["program_tensor", "program_start", "numels"]
     for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
         for i, role in enumerate(roles):
             tab = f"{prefix}{i}_tab"
             args += [tab] if role_format(role) is None else [
-                f"{tab}_codes", f"{tab}_scales", f"{tab}_codebook", f"{tab}_midpoints"]
+                f"{tab}_codes", f"{tab}_scales", f"{tab}_codebook", f"{tab}_lower"]
     args += [f"s{i}_ptr" for i in range(len(spec.scalars))]
     args += [f"acc{i}_ptr" for i in range(len(spec.accumulators))]
     if spec.stochastic_rounding:
         args.append("seed_ptr")
-    args += ["ROWS: tl.constexpr", "COLS: tl.constexpr", "ALIGNED: tl.constexpr"]
+    args += ["ROWS: tl.constexpr", "COLS: tl.constexpr", "TILES: tl.constexpr", "ALIGNED: tl.constexpr"]
 
     used = "\n".join(spec.body + spec.outputs + tuple(v for _, v in spec.sums))
     # Pointers advance to the tile's start (64-bit) and lanes index it with 32-bit offsets; a full tile loads and
     # stores without element masks so both vectorize.
-    lines = [
+    # Per program: its tensor and first tile, the scalars and the tensor's base pointers; then a loop over TILES
+    # consecutive tiles of that tensor (tiles past the tensor's end are fully masked).
+    prologue = [
         "pid = tl.program_id(0)",
-        "t = tl.load(tile_tensor + pid)",
-        "tile = (pid - tl.load(tile_start + t)).to(tl.int64)",
+        "t = tl.load(program_tensor + pid)",
         "TILE: tl.constexpr = ROWS * COLS",
-        "start = tile * TILE",
-        "left = tl.minimum(tl.load(numels + t) - start, TILE).to(tl.int32)",
-        "full = left == TILE",
+        "first = (pid - tl.load(program_start + t)).to(tl.int64) * TILES",
+        "numel = tl.load(numels + t)",
         "local = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]",
-        "inb = local < left",
     ]
+    src = _Source(prologue, [
+        "start = (first + sub) * TILE",
+        "left = tl.maximum(tl.minimum(numel - start, TILE), 0).to(tl.int32)",
+        "full = left == TILE",
+        "inb = local < left",
+    ])
+    lines = src.loop
     for i in range(len(spec.scalars)):
         if _referenced(f"s{i}", used):
-            lines.append(f"s{i} = tl.load(s{i}_ptr)")
+            prologue.append(f"s{i} = tl.load(s{i}_ptr)")
     for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
         for i, role in enumerate(roles):
             name, tab, fmt = f"{prefix}{i}", f"{prefix}{i}_tab", role_format(role)
             if fmt is None and (_referenced(name, used) or prefix == "mut"):
-                _table_pointer(lines, f"{name}_ptr", tab, tl_dtype(role), "start")
+                _table_pointer(src, f"{name}_ptr", tab, tl_dtype(role), "start")
             if not _referenced(name, used):
                 continue
             if fmt is None:
                 lines.append(f"{name} = _load_tile({name}_ptr, local, inb, full)")
             else:
-                _load_quantized(lines, name, fmt, tab)
+                _load_quantized(src, name, fmt, tab)
     lines += list(spec.body)
     if spec.stochastic_rounding:
-        lines.append("seed = tl.load(seed_ptr) + t * 1000003")
+        prologue.append("seed = tl.load(seed_ptr) + t * 1000003")
     for i, (role, value) in enumerate(zip(spec.mutated, spec.outputs)):
         name, tab, fmt = f"mut{i}", f"mut{i}_tab", role_format(role)
         if fmt is not None:
-            _store_quantized(lines, name, value, fmt, tab)
+            _store_quantized(src, name, value, fmt, tab)
             continue
         if role == "bfloat16":
             rounded = (f"_bf16_stochastic(({value}).to(tl.float32), seed, (start + local).to(tl.uint32))"
@@ -364,13 +401,15 @@ def _render_source(spec: KernelSpec) -> str:
         lines.append(f"_store_tile({name}_ptr, local, {rounded}, inb, full)")
     for k, (index, value) in enumerate(spec.sums):
         acc = spec.accumulators[index]
-        # A tile holds < 2**31 elements: integer partial sums fit int32, which reduces cheaper than int64.
+        # Partial sums per row (one warp's reduction, no block-wide barrier), added only where nonzero: integer
+        # ones fit int32 (a row holds < 2**31 elements), which reduces cheaper than int64.
         partial = "tl.float32" if acc == "float32" else "tl.int32"
         lines += [
-            f"part{k} = tl.sum(tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1), axis=0).to({tl_dtype(acc)})",
-            f"tl.atomic_add(acc{index}_ptr, part{k}, mask=part{k} != 0)",
+            f"part{k} = tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1).to({tl_dtype(acc)})",
+            f"tl.atomic_add(acc{index}_ptr + tl.zeros([ROWS], tl.int32), part{k}, mask=part{k} != 0)",
         ]
-    body = "\n".join("    " + line for line in lines)
+    body = "\n".join("    " + line for line in prologue + ["for sub in range(TILES):"])
+    body += "\n" + "\n".join("        " + line for line in lines)
     header = "\n".join(f"# {line}" for line in spec.to_string().splitlines())
     return (f"{_PRELUDE}\n\n{header}\n@triton.jit\ndef fused_update_kernel(\n        "
             + ",\n        ".join(args) + f",\n):\n{body}\n")
@@ -491,15 +530,15 @@ class FusedUpdateKernel:
             if a.dim() != 0:
                 raise ValueError(f"accumulator {i}: expected a 0-d tensor, got shape {tuple(a.shape)}")
 
-        tile = tile_shape(spec, device.type).elements
-        tiles = [-(-n // tile) for n in numels]
+        per_program = tile_shape(spec, device.type).program_elements
+        tiles = [-(-n // per_program) for n in numels]
         starts = [0]
         for k in tiles:
             starts.append(starts[-1] + k)
-        tile_tensor = [i for i, k in enumerate(tiles) for _ in range(k)]
+        program_tensor = [i for i, k in enumerate(tiles) for _ in range(k)]
         for fmt in {f for f in map(role_format, spec.inputs + spec.mutated) if f is not None}:
             codec_tables(fmt, device)  # created and cached on first use: let that happen here, outside graph pools
-        return TableSet(torch.tensor(tile_tensor, dtype=torch.int32).to(device),
+        return TableSet(torch.tensor(program_tensor, dtype=torch.int32).to(device),
                         torch.tensor(starts[:-1], dtype=torch.int32).to(device),
                         torch.tensor(numels, dtype=torch.int64).to(device),
                         torch.tensor(rows, dtype=torch.int64).reshape(len(rows), count).to(device),
@@ -533,9 +572,9 @@ class FusedUpdateKernel:
                 "kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 only (the lowbit backend "
                 "leaves other regions unfused)")
         tables = self.tables(mutated, inputs, scalars)
-        if tables.tile_tensor.numel() == 0:
+        if tables.program_tensor.numel() == 0:
             return
-        args = [tables.tile_tensor, tables.tile_start, tables.numels]
+        args = [tables.program_tensor, tables.program_start, tables.numels]
         row = 0
         for roles in (spec.inputs, spec.mutated):
             for role in roles:
@@ -544,8 +583,8 @@ class FusedUpdateKernel:
                     args.append(tables.pointers[row])
                     row += 1
                 else:
-                    codebook, midpoints = codec_tables(fmt, device)
-                    args += [tables.pointers[row], tables.pointers[row + 1], codebook, midpoints]
+                    codebook, lower = codec_tables(fmt, device)
+                    args += [tables.pointers[row], tables.pointers[row + 1], codebook, lower]
                     row += 2
         args += list(scalars)
         args += list(mutated[len(mutated) - len(spec.accumulators):])
@@ -554,8 +593,9 @@ class FusedUpdateKernel:
             args.append(seed)
         shape = tile_shape(spec, device.type)
         with _quiet_interpreter(interpreting):
-            self.kernel[(tables.tile_tensor.numel(),)](*args, ROWS=shape.rows, COLS=shape.cols,
-                                                       ALIGNED=tables.aligned, num_warps=shape.num_warps)
+            self.kernel[(tables.program_tensor.numel(),)](*args, ROWS=shape.rows, COLS=shape.cols,
+                                                       TILES=shape.tiles_per_program, ALIGNED=tables.aligned,
+                                                       num_warps=shape.num_warps)
         if seed is not None:
             seed.add_(1)
 
@@ -573,17 +613,17 @@ def _seed(device: torch.device) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class TableSet:
-    """Launch tables for one list of tensors: the tensor of every tile, each tensor's first tile, element counts,
-    and one row of data pointers per role slot (codes and scales are a slot each)."""
+    """Launch tables for one list of tensors: the tensor of every program, each tensor's first program, element
+    counts, and one row of data pointers per role slot (codes and scales are a slot each)."""
 
-    tile_tensor: torch.Tensor
-    tile_start: torch.Tensor
+    program_tensor: torch.Tensor
+    program_start: torch.Tensor
     numels: torch.Tensor
     pointers: torch.Tensor
     aligned: bool  # every pointer a multiple of 16 bytes
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.tile_tensor, self.tile_start, self.numels, self.pointers]
+        return [self.program_tensor, self.program_start, self.numels, self.pointers]
 
 
 _ALLOCATING_THREAD: list = []
@@ -591,25 +631,25 @@ _ALLOCATING_THREAD: list = []
 
 def _outside_graph_pools(device: torch.device, build):
     """``build()`` (which makes tensors that outlive the launch: pointer tables, the seed, the codec tables it asks
-    for first) with its allocations kept out of CUDA-graph memory pools.
+    for first) with its allocations kept out of CUDA-graph memory pools and out of any graph being captured.
 
     While cudagraph trees warm a graph up, every allocation the warming thread makes goes to the graph's private
-    pool, and tensors that stay alive there are an error; so CUDA allocations happen on a helper thread, which is
-    then synchronised with. On the CPU ``build`` just runs."""
+    pool, and tensors that stay alive there are an error; during capture (which cudagraph trees run with
+    ``capture_error_mode="thread_local"``) the capturing thread may not copy host-to-device. So CUDA work happens on
+    a helper thread and its own stream, which is then synchronised with. This is what lets a captured step take
+    gradients that cudagraph trees copied into static buffers (addresses unlike those seen in warm-up). On the CPU
+    ``build`` just runs."""
     if device.type != "cuda":
         return build()
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "lowbit::fused_update_ would build pointer tables during CUDA-graph capture: the tensors' addresses "
-            "changed since warm-up. Mark parameters, gradients and state static (torch._dynamo.mark_static_address) "
-            "before the first compiled step")
     if not _ALLOCATING_THREAD:
         _ALLOCATING_THREAD.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lowbit-tables"))
 
     def run():
         with torch.cuda.device(device):
-            made = build()
-            torch.cuda.current_stream(device).synchronize()
+            side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+            with torch.cuda.stream(side):
+                made = build()
+            side.synchronize()
             return made
 
     made = _ALLOCATING_THREAD[0].submit(run).result()
@@ -617,6 +657,9 @@ def _outside_graph_pools(device: torch.device, build):
     for tensor in (made.tensors() if isinstance(made, TableSet) else [made]):
         tensor.record_stream(main)  # used (and one day freed) on this stream, not the helper's
     return made
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,53 @@
+#!/bin/bash
+# All GPU work of a session in one command on the GPU machine: GPU tests, then benchmarks, each under its own time
+# limit so one slow part cannot eat the others'. Logs and results are packed into $OUT/gpu_run.tar.gz
+# (one file to fetch back).
+#
+#   bash benchmarks/gpu_run.sh tests step codecs      # parts, in the order given
+#
+# Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo,
+# efcp, shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel compiles per block order).
+# Anchors travel as wheels in .whl/ (bitsandbytes, torchao; the machine has pytest and hypothesis);
+# Distributed Shampoo's source sits in .ext/distributed_shampoo. None of them is part of this repository.
+set -u
+OUT=${OUT:-/tmp/gpu_run_out}
+LOGS=/tmp/gpu_run
+mkdir -p "$OUT" "$LOGS/results"
+export PYTHONUNBUFFERED=1
+site=/tmp/lowbit_site
+mkdir -p "$site"
+wheels=$(ls .whl/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels \
+        >"$LOGS/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
+fi
+export PYTHONPATH=$PWD:$site:$PWD/.ext${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$LOGS/device.txt" 2>&1
+
+run() {  # run NAME SECONDS COMMAND...: log to $LOGS/NAME.log, record the exit status and the wall time
+    local name=$1 limit=$2
+    shift 2
+    local began=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "== $name rc=$rc in $((SECONDS - began))s" | tee -a "$LOGS/$name.log"
+    tail -n 25 "$LOGS/$name.log"
+}
+
+for part in "$@"; do
+    case $part in
+        tests) run gpu_tests "${TESTS_S:-200}" python3 -m pytest -q -m cuda -p no:cacheprovider --durations=15 -rfEsx \
+                   tests/test_codecs_triton.py tests/test_backend_gpu.py tests/test_optim_compile.py \
+                   tests/test_shampoo_kernels.py tests/test_efcp.py ;;
+        shampoo_tests) run shampoo_tests "${SHAMPOO_TESTS_S:-240}" python3 -m pytest -q -x -p no:cacheprovider \
+                   --durations=10 tests/test_shampoo.py ;;
+        step) run step_time "${STEP_S:-330}" python3 benchmarks/step_time.py --out "$LOGS/results" ${STEP_ARGS:-} ;;
+        codecs) run codecs "${CODECS_S:-120}" python3 benchmarks/codecs.py --out "$LOGS/results" ;;
+        shampoo) run shampoo "${SHAMPOO_S:-300}" python3 benchmarks/shampoo.py --out "$LOGS/results" ;;
+        efcp) run efcp "${EFCP_S:-240}" python3 benchmarks/efcp.py --out "$LOGS/results" --budget-s 180 --target-s 0.5 ;;
+        *) echo "unknown part: $part" ;;
+    esac
+done
+ls -la "$LOGS" "$LOGS/results"
+tar -czf "$OUT/gpu_run.tar.gz" -C "$LOGS" .
