@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("mnist1d")
 
-from benchmarks.quality import report, run  # noqa: E402
+from benchmarks.quality import report, run, shampoo_ablation  # noqa: E402
 
 
 def test_quick_suite_writes_results_and_lowbit_adamw32_matches_torch(tmp_path):
@@ -25,6 +25,17 @@ def test_quick_suite_writes_results_and_lowbit_adamw32_matches_torch(tmp_path):
         assert rows[(task, "adamw8")]["state_bytes_per_param"] < rows[(task, "torch_adamw")]["state_bytes_per_param"]
         assert all(r["finite"] for r in payload["runs"])
     assert any("lowbit AdamW 8-bit" in line for line in stored["checks"])
+
+
+def test_shampoo_ablation_variants_run_and_the_32_bit_reference_keeps_everything(tmp_path):
+    payload = shampoo_ablation.main(["--quick", "--task", "digits_mlp", "--seeds", "2", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {run.REFERENCE, *shampoo_ablation.VARIANTS}
+    assert rows["shampoo32"]["keeps"] == pytest.approx(1.0) and rows[run.REFERENCE]["keeps"] == pytest.approx(0.0)
+    assert all(math.isfinite(r["mean"]) for r in rows.values())
+    # Keeping the eigenvectors in fp32 leaves only the root's 4-bit off-diagonal: not the same run as 4-bit.
+    assert payload["val_losses"]["eigenvectors_fp32"] != payload["val_losses"]["shampoo4"]
+    assert (tmp_path / "quality.shampoo_ablation.md").read_text().count("\n| ") == len(rows) + 1
 
 
 def _payload(losses_by_optimizer):

@@ -1,6 +1,6 @@
 """Which 4-bit part of Shampoo costs quality: a diagnosis run of the quality suite's Shampoo on one task.
 
-    python -m benchmarks.quality.shampoo_ablation [--task char_lm] [--seeds 3] [--out benchmarks/results]
+    python -m benchmarks.quality.shampoo_ablation [--task char_lm] [--seeds 3] [--out benchmarks/results] [--quick]
 
 Variants (same seeds, data and hyperparameters as ``benchmarks/quality/run.py``): 32-bit and 4-bit Shampoo; 4-bit
 with the eigenvectors kept in fp32 (the inverse root's off-diagonal still 4-bit); 4-bit with the root's off-diagonal
@@ -96,9 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="char_lm", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="the suite's tiny setting (smoke test)")
     args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error(f"--seeds must be >= 2 (a seed std is reported), got {args.seeds}")
     torch.set_num_threads(1)
-    task = TASKS[args.task](False)
+    task = TASKS[args.task](args.quick)
     for name, (label, build) in VARIANTS.items():
         if build is not None:
             suite.OPTIMIZERS[name] = suite.OptimizerChoice(label, build)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = dict(task=args.task, seeds=args.seeds, val_losses=losses, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.shampoo_ablation.json").write_text(json.dumps(payload, indent=1))
-    lines = [f"# Shampoo 4-bit ablation — {args.task}, {args.seeds} seeds (CPU)", "",
+    lines = [f"# Shampoo 4-bit ablation — {args.task}, {args.seeds} seeds (CPU{', quick' if args.quick else ''})", "",
              "Validation loss mean ± seed std; keeps = share of 32-bit Shampoo's improvement over torch AdamW.", "",
              "| variant | val loss | keeps |", "|---|---|---|"]
     lines += [f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['keeps']:.0%} |" for r in rows]
