@@ -646,7 +646,9 @@ def _outside_graph_pools(device: torch.device, build):
 
     def run():
         with torch.cuda.device(device):
-            side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+            if device not in _SIDE_STREAMS:
+                _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+            side = _SIDE_STREAMS[device]
             with torch.cuda.stream(side):
                 made = build()
             side.synchronize()
