@@ -9,8 +9,8 @@ Semantics follow ATen: arithmetic runs in the node's result dtype (bf16/fp16 res
 to nearest even, as ATen's opmath does); comparisons in the promoted dtype of their operands. Under the interpreter
 every fp32 operation is IEEE (numpy). On the GPU ``/``, ``sqrt`` and ``rsqrt`` are Triton's fast forms (``div.full``,
 2 ulp; ``sqrt.approx``/``rsqrt.approx``, about 1 ulp; a tensor divided by a 0-d scalar or a number is multiplied by
-the correctly rounded reciprocal, computed once per program, 1.5 ulp): correctly rounded ``div_rn``/``sqrt_rn`` cost ~10 instructions
-each and the fused kernel must stay memory-bound; ``exp``/``log``/``pow`` (exp2/log2 based) are a few ulp from torch's
+the correctly rounded reciprocal, computed once per program, 1.5 ulp): correctly rounded ``div_rn``/``sqrt_rn`` cost
+~10 instructions each and the fused kernel must stay memory-bound; ``exp``/``log``/``pow`` (exp2/log2 based) are a few ulp from torch's
 (``pow``'s error grows with ``|y * log2 x|``). Triton may also contract a multiply and an add into an FMA.
 """
 from __future__ import annotations

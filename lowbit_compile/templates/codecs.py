@@ -4,7 +4,7 @@ The ``@triton.jit`` building blocks below work on a tile of ``R`` whole blocks (
 padding lanes hold 0.0) and are what generated fused kernels call:
 
     block_scale(x, SIGNED, LOWEST)                      -> fp32 [R]        (formats.block_scale)
-    encode(x, scale, lower_ptr, BITS, MAP, SIGNED)        -> int32 [R, BLOCK] (formats.encode's codes)
+    encode(x, scale, lower_ptr, BITS, MAP, SIGNED)      -> int32 [R, BLOCK] (formats.encode's codes)
     decode(codes, scale, codebook_ptr)                  -> fp32 [R, BLOCK]
     pack_nibbles(codes) -> uint8 [R, BLOCK // 2]        unpack_nibbles(bytes) -> int32 [R, BLOCK]
 
@@ -23,8 +23,8 @@ the one between 0 and the smallest level at ``-0.306`` (signed) / ``-0.361`` (un
 for every y, as long as the fp32 error of est stays below EPS (it is ~1e-5; EPS = 1/64). The level 1.0 breaks the
 pattern (it sits half a step above the last decade's grid); one comparison with the second-highest level sends
 everything above it to the top code, which again is exact or one above. One gather of the exact midpoint table then
-settles it: ``code -= y <= lower[code]`` (``lower[c] = midpoints[c - 1]``, ``lower[0] = -inf``). Tests check every midpoint and its fp32 neighbours (CPU) and
-every fp32 in [-1, 1] (GPU). Other maps: the 4-bit linear map has a closed form, the other 4-bit maps a 4-step
+settles it: ``code -= y <= lower[code]`` (``lower[c] = midpoints[c - 1]``, ``lower[0] = -inf``). Tests check every
+midpoint and its fp32 neighbours (CPU) and every fp32 in [-1, 1] (GPU). Other maps: the 4-bit linear map has a closed form, the other 4-bit maps a 4-step
 binary search of their 15 midpoints (fewer instructions than the analytic route at 16 levels).
 
 Cost notes (a fused optimizer kernel moves ~16 bytes per element and runs two encodes and two decodes, so every
@@ -370,6 +370,17 @@ def _check_storage(codes: torch.Tensor, absmax: torch.Tensor, fmt: Quantized, nu
                          f"got {absmax.dtype} {tuple(absmax.shape)}")
 
 
+def _checked_numel(name: str, values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                   fmt: Quantized) -> int:
+    """Element count of a codec call on ``values`` (named ``name``), after checking that ``codes`` and ``absmax``
+    are on its device and are the storage of that many elements in ``fmt``."""
+    for label, tensor in ((name, values), ("codes", codes), ("absmax", absmax)):
+        _check_device(label, tensor, values.device)
+    numel = values.numel()
+    _check_storage(codes, absmax, fmt, numel)
+    return numel
+
+
 def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, fmt, *,
                   elements_per_program: int | None = None, num_warps: int | None = None) -> None:
     """Quantize ``x`` (any shape, fp32/bf16/fp16, any strides) into preallocated ``codes`` (uint8,
@@ -378,11 +389,7 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, fm
     fmt = _quantized(fmt)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
-    _check_device("x", x, x.device)
-    _check_device("codes", codes, x.device)
-    _check_device("absmax", absmax, x.device)
-    numel = x.numel()
-    _check_storage(codes, absmax, fmt, numel)
+    numel = _checked_numel("x", x, codes, absmax, fmt)
     if numel == 0:
         return
     flat = x.reshape(-1)  # copies only when x's strides do not allow a flat view
@@ -411,11 +418,7 @@ def dequantize_into(codes: torch.Tensor, absmax: torch.Tensor, fmt, out: torch.T
     if out.dtype not in _FLOAT_DTYPES or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous float32, bfloat16 or float16 tensor, got {out.dtype} "
                          f"(contiguous={out.is_contiguous()})")
-    _check_device("out", out, out.device)
-    _check_device("codes", codes, out.device)
-    _check_device("absmax", absmax, out.device)
-    numel = out.numel()
-    _check_storage(codes, absmax, fmt, numel)
+    numel = _checked_numel("out", out, codes, absmax, fmt)
     if numel == 0:
         return
     codebook, _ = codec_tables(fmt, out.device)

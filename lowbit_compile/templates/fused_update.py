@@ -531,11 +531,11 @@ class FusedUpdateKernel:
                 raise ValueError(f"accumulator {i}: expected a 0-d tensor, got shape {tuple(a.shape)}")
 
         per_program = tile_shape(spec, device.type).program_elements
-        tiles = [-(-n // per_program) for n in numels]
+        programs = [-(-n // per_program) for n in numels]
         starts = [0]
-        for k in tiles:
+        for k in programs:
             starts.append(starts[-1] + k)
-        program_tensor = [i for i, k in enumerate(tiles) for _ in range(k)]
+        program_tensor = [i for i, k in enumerate(programs) for _ in range(k)]
         for fmt in {f for f in map(role_format, spec.inputs + spec.mutated) if f is not None}:
             codec_tables(fmt, device)  # created and cached on first use: let that happen here, outside graph pools
         return TableSet(torch.tensor(program_tensor, dtype=torch.int32).to(device),
