@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         raise SystemExit("--device cuda: no CUDA device is available")
     if device.type == "cpu":
         # Half the cores this process may use: torch's OpenMP threads spin-wait for each other, so when anything
-        # else runs (an inductor compile worker, another job) a thread per core crawls. On 2 cores with one busy
-        # neighbour, a training step of the default model took 907 ms with 2 threads and 77 ms with 1.
+        # else runs (an inductor compile worker, another job) a thread per core crawls: on 2 cores with one busy
+        # neighbour, two threads made a training step of the default model many times slower than one.
         torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // 2))
     cfg = QUICK_CONFIG if args.quick else GPU_CONFIG if device.type == "cuda" else CPU_CONFIG
     if args.steps is not None:

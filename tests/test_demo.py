@@ -118,3 +118,14 @@ def test_step_time_cpu_smoke_writes_reports(tmp_path, keep_torch_threads):
     assert len(saved["rows"]) == len(rows)
     assert "| lowbit AdamW 8-bit |" in (tmp_path / "step_time.md").read_text()
     assert (tmp_path / "step_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fused_ablation_cpu_smoke_times_every_stand_in(tmp_path):
+    from benchmarks import fused_ablation
+    rows = fused_ablation.main(["--cpu-smoke", "--bits", "8", "--shapes", "1024x4x1", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == list(fused_ablation._STAND_INS)
+    # 1000 elements per tensor: two 8-bit states of 4 whole 256-blocks (1024 code bytes + 4 fp32 scales) each,
+    # read and written, on top of 12 bytes of param and grad traffic per element.
+    moved = 12 + 2 * 2 * (1024 + 4 * 4) / 1000
+    assert all(r["ms"] > 0 and r["moved_bytes_per_param"] == pytest.approx(moved) for r in rows), rows
+    assert "| 8 | trivall | 1024x4x1 |" in (tmp_path / "fused_ablation.md").read_text()

@@ -152,6 +152,13 @@ def _dynamic_level_estimate(a, DECADES: tl.constexpr, SIGNED: tl.constexpr):
 
 @triton.jit
 def _encode_dynamic(y, lower_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    code = dynamic_candidate(y, BITS, SIGNED)
+    return code - (y <= table_lookup(lower_ptr, code)).to(tl.int32)
+
+
+@triton.jit
+def dynamic_candidate(y, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """The dynamic map's code of ``y`` (|y| <= 1) or the code one above it, from the level estimate alone."""
     DECADES: tl.constexpr = BITS - 1  # max_exponent_bits of formats._MAPS' dynamic maps
     FIRST_DECADE_LEVELS: tl.constexpr = 1 if SIGNED else 2
     TOP_DECADE_LEVELS: tl.constexpr = FIRST_DECADE_LEVELS * (1 << (DECADES - 1))
@@ -170,9 +177,7 @@ def _encode_dynamic(y, lower_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
     code = tl.where(negative, ZERO_CODE - 1 - level, ZERO_CODE + 1 + level)
     # In range for |y| <= 1 except -1 for negative y above the lowest level; the upper clamp only keeps non-finite
     # input (unspecified codes) inside the table.
-    code = tl.minimum(tl.maximum(code, 0), MAX_CODE)
-    # The candidate is the exact code or one above it.
-    return code - (y <= table_lookup(lower_ptr, code)).to(tl.int32)
+    return tl.minimum(tl.maximum(code, 0), MAX_CODE)
 
 
 @triton.jit

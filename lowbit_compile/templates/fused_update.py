@@ -243,14 +243,14 @@ class TileShape:
 
 
 # Elements per tile and warps on the GPU. Offline sm_90 compiles of the 8-bit AdamW kernel give (elements/warps:
-# registers, SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177. Timed on the H100
-# (8-bit AdamW, 16 x 4096^2 fp32, ms per 1G elements, 1/2/4/8 tiles per program): 1024/4: 8.6/7.1/7.3/7.1;
-# 2048/8 x4: 7.9; 512/4 x4: 7.5; 1024/8 x4: 9.7 (4-bit: 1024/4: 9.0/-/8.1/8.0). 1024/4 keeps one 256-element
-# row per warp, so block maxima are warp reductions.
+# registers, SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177. On the H100
+# (benchmarks/results/fused_ablation.exploratory.md, 8-bit AdamW) 1024/4 timed best, ahead of 512/4, 2048/8 and
+# 1024/8; it keeps one 256-element row per warp, so block maxima are warp reductions.
 GPU_TILE_ELEMENTS = 1024
 GPU_NUM_WARPS = 4
 # Tiles one program walks through in a loop: a program first chases the launch tables (tensor index, element count,
-# data pointers: dependent loads), which the tiles of one tensor then share.
+# data pointers: dependent loads), which the tiles of one tensor then share. 8 tiles against 1: 7.71 against 9.83 ms
+# for 8-bit AdamW on 64 x 4096^2 fp32 params (benchmarks/results/step_time.md, tile sweep).
 GPU_TILES_PER_PROGRAM = 8
 # The interpreter runs a program's lanes as numpy arrays: fewer, larger programs are faster.
 INTERPRETER_TILE_ELEMENTS = 4096

@@ -1,0 +1,168 @@
+"""What bounds the fused AdamW update kernel: time it with parts of its codec work replaced by cheap stand-ins.
+
+    python3 benchmarks/fused_ablation.py --out DIR          # on the GPU: DIR/fused_ablation.{json,md}
+    python3 benchmarks/fused_ablation.py --cpu-smoke --out DIR   # tiny tensors under TRITON_INTERPRET=1
+
+The kernel spec is the one the lowbit pass generates for ``lbc.optim.AdamW(bits=B)`` on this device; the kernel is
+then launched directly (no torch.compile) on 16 x 4096^2 fp32 parameters, median of 30 timed launches after
+warm-up (``step_time.time_calls``).
+Variants replace, in the generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
+``nomid``: the 8-bit encoder's boundary lookup (the candidate code is kept); ``nogather``: both; ``trivenc``: the
+whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both. Stand-ins give wrong state values: the point
+is the time, against the same memory traffic (params, grads, codes and scales read and written as in the real kernel).
+Launch shapes are ``ELEMENTSxWARPSxTILES`` (tile elements, warps, tiles per program).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch
+import triton
+import triton.language as tl
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.step_time import time_calls  # noqa: E402
+from lowbit_compile.templates import codecs as C  # noqa: E402
+
+
+@triton.jit
+def decode_without_lookup(codes, scale, codebook_ptr):
+    return (codes.to(tl.float32) * (1.0 / 128.0) - 1.0) * scale[:, None]
+
+
+@triton.jit
+def encode_without_boundary_lookup(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
+    """The 8-bit dynamic encoder's candidate code (exact or one above), without the correcting lookup."""
+    return C.dynamic_candidate(C._divide_rows(x, scale), BITS, SIGNED)
+
+
+@triton.jit
+def encode_trivially(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
+    y = C._divide_rows(x, scale)
+    return tl.minimum(tl.maximum((y * 127.0 + 128.0).to(tl.int32), 0), 255)
+
+
+_STAND_INS = {
+    "base": [],
+    "nodecode": [("codecs.decode(", "ablation.decode_without_lookup(")],
+    "nomid": [("codecs.encode(", "ablation.encode_without_boundary_lookup(")],
+    "nogather": [("codecs.decode(", "ablation.decode_without_lookup("),
+                 ("codecs.encode(", "ablation.encode_without_boundary_lookup(")],
+    "trivenc": [("codecs.encode(", "ablation.encode_trivially(")],
+    "trivall": [("codecs.decode(", "ablation.decode_without_lookup("), ("codecs.encode(", "ablation.encode_trivially(")],
+}
+_EIGHT_BIT_ONLY = {"nomid", "nogather"}
+
+
+def adamw_spec(bits: int, device: torch.device) -> str:
+    """The fused-update spec the lowbit pass generates for our AdamW at ``bits`` on ``device``."""
+    from lowbit_compile import optim
+    from lowbit_compile.report import clear_compile_reports, compile_report
+    params = [torch.nn.Parameter(torch.randn(4096, device=device)) for _ in range(2)]  # large enough to quantize
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = optim.AdamW(params, lr=1e-3, weight_decay=1e-2, bits=bits)
+    clear_compile_reports()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        torch.compile(opt.step, backend="lowbit")()
+    torch._dynamo.reset()
+    fused = compile_report().fused
+    if len(fused) != 1:
+        raise RuntimeError(f"expected one fused launch for AdamW {bits}-bit, got {len(fused)}")
+    return fused[0].spec
+
+
+def time_variant(spec_text: str, variant: str, shape: tuple[int, int, int], device: torch.device,
+                 numel: int, count: int) -> dict:
+    from lowbit_compile import formats as F
+    from lowbit_compile.templates import fused_update as FU
+
+    saved = (FU.render_source, FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM)
+    render = FU.render_source
+
+    def patched(spec):
+        source = render(spec).replace("from lowbit_compile.templates import codecs",
+                                      "from lowbit_compile.templates import codecs\n"
+                                      "from benchmarks import fused_ablation as ablation")
+        for old, new in _STAND_INS[variant]:
+            source = source.replace(old, new)
+        return source
+
+    try:
+        FU.render_source = patched
+        FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM = shape
+        spec = FU.KernelSpec.from_string(spec_text)
+        kernel = FU.FusedUpdateKernel(spec)
+        params = [torch.randn(numel, device=device) * 0.02 for _ in range(count)]
+        grads = [torch.randn(numel, device=device) * 1e-3 for _ in range(count)]
+        mutated = list(params)
+        for role in spec.mutated[1:]:
+            if role == "float32":
+                mutated += [torch.zeros(numel, device=device) for _ in range(count)]
+                continue
+            storage = [F.empty_state(numel, F.parse_spec(role), device) for _ in range(count)]
+            mutated += [s[0] for s in storage] + [s[1] for s in storage]
+        mutated.append(torch.zeros((), dtype=torch.int64, device=device))
+        values = [1 - 1e-5, 1e-3, 0.1, 0.1, 0.999, 0.001, 0.0316, 1e-8]
+        scalars = [torch.tensor(v, device=device) for v in values[:len(spec.scalars)]]
+        launch = lambda: kernel.launch(mutated, grads, scalars)  # noqa: E731
+        reps = 30 if device.type == "cuda" else 1
+        times = time_calls(launch, device, target_s=0.0, min_reps=reps, max_reps=reps)
+        ms = statistics.median(times)
+        state = sum(t.numel() * t.element_size() for t in mutated[count:-1])
+        moved = 12 * numel * count + 2 * state  # params read + written, grads read, state read + written
+        return dict(variant=variant, shape="x".join(map(str, shape)), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
+                    moved_bytes_per_param=moved / (numel * count), gbs=moved / ms / 1e6)
+    finally:
+        FU.render_source, FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM = saved
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny tensors under the interpreter")
+    parser.add_argument("--bits", default="8,4,32", help="comma-separated AdamW state widths")
+    parser.add_argument("--variants", default=",".join(_STAND_INS))
+    parser.add_argument("--shapes", default="1024x4x1,1024x4x8", help="comma-separated ELEMENTSxWARPSxTILES")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    numel, count = (1000, 2) if args.cpu_smoke else (4096 * 4096, 16)
+    shapes = [tuple(int(n) for n in item.split("x")) for item in args.shapes.split(",")]
+    rows = []
+    for bits in map(int, args.bits.split(",")):
+        spec = adamw_spec(bits, device)
+        for variant in args.variants.split(","):
+            if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)):
+                continue  # nothing to replace, or a stand-in for a part this width does not have
+            for shape in shapes:
+                row = dict(bits=bits, **time_variant(spec, variant, shape, device, numel, count))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), numel=numel * count)
+    (args.out / "fused_ablation.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Fused AdamW kernel ablation — {name}", "", f"torch {meta['torch']}, triton {meta['triton']}; "
+             f"{meta['date']}; {numel * count:,} fp32 params. Stand-ins: see benchmarks/fused_ablation.py.", "",
+             "| bits | variant | launch shape | ms | ms per 1G params | GB/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['variant']} | {r['shape']} | {r['ms']:.3f} | {r['ms_per_1g']:.2f} | {r['gbs']:.0f} |"
+              for r in rows]
+    (args.out / "fused_ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
