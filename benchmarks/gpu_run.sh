@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests step codecs      # parts, in the order given
 #
 # Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo,
-# efcp, shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel compiles per block order).
+# efcp, ablation (benchmarks/fused_ablation.py), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
+# compiles per block order).
 # Anchors travel as wheels in .whl/ (bitsandbytes, torchao; the machine has pytest and hypothesis);
 # Distributed Shampoo's source sits in .ext/distributed_shampoo. None of them is part of this repository.
 set -u
@@ -45,6 +46,7 @@ for part in "$@"; do
         step) run step_time "${STEP_S:-330}" python3 benchmarks/step_time.py --out "$LOGS/results" ${STEP_ARGS:-} ;;
         codecs) run codecs "${CODECS_S:-120}" python3 benchmarks/codecs.py --out "$LOGS/results" ;;
         shampoo) run shampoo "${SHAMPOO_S:-300}" python3 benchmarks/shampoo.py --out "$LOGS/results" ;;
+        ablation) run fused_ablation "${ABLATION_S:-240}" python3 benchmarks/fused_ablation.py --out "$LOGS/results" ;;
         efcp) run efcp "${EFCP_S:-240}" python3 benchmarks/efcp.py --out "$LOGS/results" --budget-s 180 --target-s 0.5 ;;
         *) echo "unknown part: $part" ;;
     esac
