@@ -99,3 +99,13 @@ def grouped_bar_plot(path: str, title: str, categories: Sequence[str], series: d
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def cuda_event_ms(fn) -> float:
+    """Milliseconds of one call of ``fn`` on the current CUDA stream, between two CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)

@@ -7,7 +7,8 @@
 #
 # Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo,
 # efcp, ablation (benchmarks/fused_ablation.py), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
-# compiles per block order).
+# compiles per block order), profile (benchmarks/profile_steps.py, PROFILE_ARGS), ncu (Nsight Compute sections of
+# one launch of the fused update kernel in profile_steps' NCU_CASE).
 # Anchors travel as wheels in .whl/ (bitsandbytes, torchao; the machine has pytest and hypothesis);
 # Distributed Shampoo's source sits in .ext/distributed_shampoo. None of them is part of this repository.
 set -u
@@ -47,6 +48,11 @@ for part in "$@"; do
         codecs) run codecs "${CODECS_S:-120}" python3 benchmarks/codecs.py --out "$LOGS/results" ;;
         shampoo) run shampoo "${SHAMPOO_S:-300}" python3 benchmarks/shampoo.py --out "$LOGS/results" ;;
         ablation) run fused_ablation "${ABLATION_S:-240}" python3 benchmarks/fused_ablation.py --out "$LOGS/results" ;;
+        profile) run profile_steps "${PROFILE_S:-300}" python3 benchmarks/profile_steps.py ${PROFILE_ARGS:-} ;;
+        ncu) run ncu "${NCU_S:-240}" /usr/local/cuda/bin/ncu --kernel-name regex:fused_update --launch-skip 3 \
+                   --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+                   --section LaunchStats --section Occupancy --section SchedulerStats \
+                   python3 benchmarks/profile_steps.py --cases ${NCU_CASE:-adamw8} ;;
         efcp) run efcp "${EFCP_S:-240}" python3 benchmarks/efcp.py --out "$LOGS/results" --budget-s 180 --target-s 0.5 ;;
         *) echo "unknown part: $part" ;;
     esac

@@ -36,6 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing
 
+from benchmarks._common import cuda_event_ms  # noqa: E402
+
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 
 
@@ -152,12 +154,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, target_s: float, 
     times = []
     for _ in range(reps):
         if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
+            times.append(cuda_event_ms(fn))
         else:
             begin_s = time.perf_counter()
             fn()

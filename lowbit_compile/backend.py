@@ -7,6 +7,9 @@ gives CUDA graphs); options named ``lowbit.*`` configure the pass:
 
 * ``lowbit.stochastic_rounding`` (bool, default False): bf16 parameters/states written with stochastic rounding.
 
+Inductor's ``size_asserts`` default to off here (``DEFAULT_INDUCTOR_OPTIONS``; ``options={"size_asserts": True}``
+turns them back on).
+
 On a CPU without ``TRITON_INTERPRET=1`` (no Triton backend there) the anchors are decomposed into ATen before
 inductor sees the graph, so inductor's C++ fuses dequantize -> rule -> requantize itself; under the interpreter the
 regions run our Triton kernel (tests).
@@ -26,6 +29,10 @@ from .report import CompileReport, record
 from .templates import fused_update  # noqa: F401  (registers lowbit::fused_update_ for cached graphs too)
 
 PASS_OPTIONS = {"stochastic_rounding": bool}
+# An optimizer step's graph takes every parameter, gradient and state tensor as an input; inductor's per-input size and
+# stride asserts then cost more host time per step than the launches (~0.6 µs a tensor, ~0.4 ms for the GPT-2 list,
+# benchmarks/profile_steps.py). Dynamo's guards already check each input's sizes and strides before the graph runs.
+DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False}
 
 
 def _split_options(options: dict | None) -> tuple[dict, dict]:
@@ -59,7 +66,7 @@ def inductor_config_patches(mode: str | None = None, options: dict | None = None
     """The inductor configuration ``lowbit_backend`` compiles with: the mode's presets, the user's options, and (with
     ``fuse``) our pass in front of any ``post_grad_custom_pre_pass`` already configured."""
     ours, theirs = _split_options(options)
-    patches = {**_mode_options(mode), **theirs}
+    patches = {**DEFAULT_INDUCTOR_OPTIONS, **_mode_options(mode), **theirs}
     if fuse:
         configured = patches.pop("post_grad_custom_pre_pass", torch._inductor.config.post_grad_custom_pre_pass)
         patches["post_grad_custom_pre_pass"] = LowbitPass(**ours, then=custom_passes(configured))

@@ -175,12 +175,12 @@ def check_step(opt: Shampoo, before: dict, after: dict, grads: list[torch.Tensor
 # --------------------------------------------------------------------------------------------------------------
 # Stage-by-stage agreement
 # --------------------------------------------------------------------------------------------------------------
-SHAPES = st.sampled_from([(65, 33), (20, 130), (70, 1, 66), (4, 130), (130,), (5, 5), (64, 64)])
-# Observed on the CPU: fp32 vs fp64 ~1e-5 (bits 32 and 4). On CUDA bits=4 runs Björck with TF32 (relative error ~1e-3
-# in the rebuilt factor and in the root's diagonal).
+SHAPES = st.sampled_from([(65, 33), (20, 130), (70, 1, 66), (4, 130), (130,), (5, 5), (64, 64), (150, 40)])
+# Observed on the CPU: fp32 vs fp64 ~1e-5 (bits 32 and 4). The comparison runs every refresh product in exact fp32
+# (refresh_precision="ieee"): with TF32 (the 4-bit default on CUDA) the refreshed eigenvectors of eigenvalues closer
+# than TF32's ~1e-3 of the largest are not determined to the test's precision, nor are their codes.
 TOLERANCES = {32: dict(eigenvalues=1e-4, factor=1e-4, root=1e-4, update=1e-4),
-              4: dict(eigenvalues=1e-4 if DEVICE.type == "cpu" else 5e-3, factor=1e-4 if DEVICE.type == "cpu" else 5e-3,
-                      root=1e-4 if DEVICE.type == "cpu" else 5e-3, update=1e-4)}
+              4: dict(eigenvalues=1e-4, factor=1e-4, root=1e-4, update=1e-4)}
 
 
 @settings(deadline=None, max_examples=8)
@@ -193,7 +193,8 @@ def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies,
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(DEVICE)) for shape in shapes]
     opt = Shampoo(params, lr=0.05, bits=bits, max_preconditioner_dim=64, precondition_frequency=frequencies[0],
                   inverse_root_frequency=frequencies[1], grafting=grafting, weight_decay=0.01, epsilon=1e-3,
-                  ema_every_step=ema, min_precondition_numel=100, precision="ieee", momentum=0.5,
+                  ema_every_step=ema, min_precondition_numel=100, precision="ieee", refresh_precision="ieee",
+                  momentum=0.5,
                   nesterov=grafting == "sgd", fused=fused)
     for step in range(1, 4):
         before = snapshot(opt)
@@ -206,13 +207,14 @@ def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies,
 
 
 def test_before_the_first_root_it_is_adamw():
-    """Until the first inverse-root refresh the roots are identities: the step is torch's AdamW, bit for bit."""
+    """Until the first inverse-root refresh the roots are identities: with exact fp32 products the step is torch's
+    AdamW, bit for bit (with the default TF32 products G passes through rounded to TF32, ~5e-4 relative)."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(70, 65), (65,), (3, 1, 40)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = Shampoo(ours, lr=0.01, weight_decay=0.1, precondition_frequency=2, inverse_root_frequency=1000,
-                  min_precondition_numel=100)
+                  min_precondition_numel=100, precision="ieee")
     ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.1, fused=True)
     for _ in range(4):
         for a, b in zip(ours, theirs):
@@ -231,7 +233,7 @@ def test_quantized_first_order_state_follows_lbc_adamw(bits):
     gen = torch.Generator().manual_seed(4)
     ours = [torch.nn.Parameter(torch.randn(70, 65, generator=gen).to(DEVICE))]
     theirs = [torch.nn.Parameter(ours[0].detach().clone())]
-    opt = Shampoo(ours, lr=0.01, first_order_bits=bits, inverse_root_frequency=1000)
+    opt = Shampoo(ours, lr=0.01, first_order_bits=bits, inverse_root_frequency=1000, precision="ieee")
     ref = lbc_optim.AdamW(theirs, lr=0.01, weight_decay=0.0, bits=bits)
     for _ in range(3):
         ours[0].grad = torch.randn(70, 65, generator=gen).to(DEVICE)
@@ -244,20 +246,26 @@ def test_quantized_first_order_state_follows_lbc_adamw(bits):
 
 def test_fused_and_unfused_preconditioning_agree():
     """The Triton path (4-bit operand decoded in registers, one launch per product) and the unfused one (decode per
-    chunk, batched matmuls; chunks of 2 blocks here) give the same steps, refreshes included."""
-    shapes = [(65, 33), (20, 130)]
-    runs = []
+    chunk, batched matmuls; chunks of 2 blocks here) give the same grafted directions from the same state (refreshed
+    roots, not identities). Compared on one state rather than over whole runs: the two paths' fp32 products differ in
+    rounding, and a refresh that re-quantizes an entry next to a midpoint would turn that into a code step."""
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in [(65, 33), (20, 130), (150, 40)]]
+    opt = Shampoo(params, lr=0.05, max_preconditioner_dim=64, precondition_frequency=1, inverse_root_frequency=1,
+                  min_precondition_numel=100, precision="ieee", refresh_precision="ieee", chunk_blocks=2,
+                  precondition_chunk_blocks=2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        opt.step()
+    assert any(bool((batch.left.root_diagonal != 1).any()) for batch in opt.batches)
+    grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in params]
+    grads2d = [None if shape is None else g.reshape(shape) for g, shape in zip(grads, opt._shapes2d)]
+    directions = {}
     for fused in (True, False):
-        gen = torch.Generator().manual_seed(6)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
-        opt = Shampoo(params, lr=0.05, max_preconditioner_dim=64, precondition_frequency=1, inverse_root_frequency=1,
-                      min_precondition_numel=100, precision="ieee", fused=fused, chunk_blocks=2)
-        for _ in range(2):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
-            opt.step()
-        runs.append([p.detach().clone() for p in params])
-    for a, b in zip(*runs):
+        opt.fused = fused
+        directions[fused] = opt._directions(grads, grads2d)
+    for a, b in zip(directions[True], directions[False]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -270,6 +278,34 @@ def test_blocking_squeezes_and_cuts():
     assert matrix_shape((70, 1, 3, 2)) == (70, 6)
     blocks = partition((2500, 1000), 1024)
     assert [(b.rows, b.cols) for b in blocks] == [(1024, 1000), (1024, 1000), (452, 1000)]
+
+
+@settings(deadline=None, max_examples=40)
+@given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=3),
+       max_dim=st.integers(1, 16), chunk=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_block_runs_write_every_block_back_in_place(shapes, max_dim, chunk, seed):
+    """The per-step path gathers a chunk's blocks and scatters the results run by run; every block must come from and
+    land on its own place, whatever the block shapes, chunk boundaries and parameter order."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [b for i, shape in enumerate(shapes) for b in partition(shape, max_dim, i)]
+    by_shape = {}
+    for b in blocks:
+        by_shape.setdefault((b.rows, b.cols), []).append(b)
+    sources = [torch.randn(shape, generator=gen) for shape in shapes]
+    targets = [torch.full(shape, float("nan")) for shape in shapes]
+    for batch in by_shape.values():
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            runs = shampoo_module._block_runs(part)
+            assert runs[0][0] == 0 and runs[-1][1] == len(part)
+            assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+            gathered = torch.cat([shampoo_module._run_view(sources[head.param], head, last - first, across)
+                                  for first, last, head, across in runs])
+            assert torch.equal(gathered, torch.stack([b.of(sources[b.param]) for b in part]))
+            for first, last, head, across in runs:
+                shampoo_module._run_view(targets[head.param], head, last - first, across).copy_(gathered[first:last])
+    for source, target in zip(sources, targets):
+        assert torch.equal(source, target)
 
 
 def test_one_batch_per_block_shape():
@@ -416,8 +452,9 @@ def test_parameters_without_gradients_are_skipped():
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(bits=8), "bits"), (dict(first_order_bits=16), "first_order_bits"), (dict(grafting="adam"), "grafting"),
-    (dict(precision="fp16"), "precision"), (dict(lr=-1.0), "lr"), (dict(max_preconditioner_dim=0),
-                                                                     "max_preconditioner_dim"),
+    (dict(precision="fp16"), "precision"), (dict(refresh_precision="fp16"), "refresh_precision"),
+    (dict(lr=-1.0), "lr"), (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
+    (dict(precondition_chunk_blocks=0), "precondition_chunk_blocks"),
     (dict(precondition_frequency=0), "precondition_frequency"), (dict(inverse_root_frequency=0),
                                                                  "inverse_root_frequency"),
     (dict(beta=1.0), "beta"), (dict(epsilon=0.0), "epsilon"), (dict(betas=(0.9, 1.0)), "betas"),

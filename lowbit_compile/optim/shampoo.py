@@ -109,6 +109,38 @@ def partition(shape2d: tuple[int, int], max_dim: int, param: int = 0) -> list[Bl
     return [Block(param, r, rs, c, cs) for r, rs in _cuts(shape2d[0], max_dim) for c, cs in _cuts(shape2d[1], max_dim)]
 
 
+def _block_runs(blocks: list[Block]) -> list[tuple[int, int, Block, bool]]:
+    """``(first, last, head, across)`` per run of adjacent same-shape blocks of one parameter: blocks ``first:last``
+    follow ``head`` down one block column, or along one block row (``across``), so ``_run_view`` gives all of them
+    as one ``(k, rows, cols)`` view."""
+    runs, first = [], 0
+    while first < len(blocks):
+        head, last, across = blocks[first], first + 1, None
+        while last < len(blocks):
+            block, previous = blocks[last], blocks[last - 1]
+            same = block.param == head.param and (block.rows, block.cols) == (head.rows, head.cols)
+            down = same and block.col == head.col and block.row == previous.row + previous.rows
+            along = same and block.row == head.row and block.col == previous.col + previous.cols
+            if across is None and (down or along):
+                across = along
+            if not ((across is False and down) or (across is True and along)):
+                break
+            last += 1
+        runs.append((first, last, head, bool(across)))
+        first = last
+    return runs
+
+
+def _run_view(matrix: torch.Tensor, head: Block, count: int, across: bool) -> torch.Tensor:
+    """The ``count`` blocks of a run starting at ``head`` as a ``(count, rows, cols)`` view of the parameter's
+    ``(d0, rest)`` matrix."""
+    if across:
+        strip = matrix[head.row:head.row + head.rows, head.col:head.col + count * head.cols]
+        return strip.unflatten(1, (count, head.cols)).transpose(0, 1)
+    strip = matrix[head.row:head.row + count * head.rows, head.col:head.col + head.cols]
+    return strip.unflatten(0, (count, head.rows))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Refresh math (pure torch, batched over the leading dim)
 # --------------------------------------------------------------------------------------------------------------
@@ -286,8 +318,12 @@ class FactorSide:
         part.count = part.eigenvalues.shape[0]
         return part
 
-    def root_offdiagonal_matrices(self) -> torch.Tensor:
-        return self._matrices(self.root_offdiagonal)
+    def root_matrices(self) -> torch.Tensor:
+        """The inverse roots ``O + diag(a)`` as fp32 matrices (a new tensor)."""
+        stored = self.root_offdiagonal
+        matrices = stored.clone() if isinstance(stored, torch.Tensor) else _decode_rows(stored)
+        matrices.diagonal(dim1=-2, dim2=-1).add_(self.root_diagonal)
+        return matrices
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by state name; the leading dim indexes the blocks."""
@@ -387,13 +423,20 @@ class Shampoo(torch.optim.Optimizer):
         min_precondition_numel: parameters with fewer elements take the first-order rule alone.
         max_fallbacks: blocks per factor side and refresh chunk recomputed in fp64 when rejected.
         eigh_fallback: also try ``torch.linalg.eigh`` on those blocks (costs one host sync per refresh).
-        precision: "tf32" or "ieee" for the per-step preconditioning matmuls.
-        qr_panel: column panel of the batched QR.
-        chunk_blocks: blocks refreshed (and, unfused, preconditioned) together; bounds temporary memory.
+        precision: "tf32" or "ieee" for the per-step preconditioning matmuls. The roots' fp32 diagonals are part of
+            the multiplied matrices, so with "tf32" even an identity root rounds G to TF32 (~5e-4 relative); with
+            "ieee" an identity root passes G through exactly.
+        refresh_precision: "tf32" or "ieee" for the refresh's Björck steps, rebuilt factors, new statistics and warm
+            start (default: "tf32" with 4-bit eigenvectors, whose quantization error swamps TF32's, "ieee" for bits=32).
+        qr_panel: column panel of the batched QR (512: the fastest refresh of panels 128/512/1024 at 16-block chunks
+            on the benchmark stack, ``benchmarks/profile_steps.py --cases shampoo_refresh``).
+        chunk_blocks: blocks refreshed together; bounds the refresh's temporary memory (~1 GB at 16 blocks of 1024).
+        precondition_chunk_blocks: blocks preconditioned together per step on the unfused path (five transient fp32
+            matrices per block: ~1 GB at 48 blocks of 1024; fewer chunks, fewer host calls per step).
         fused: run the per-step products and Björck with the Triton templates, the 4-bit operand decoded in
             registers (one launch per product per batch, no fp32 copy of a root in memory). Off by default: on an
-            H100 (benchmarks/results/shampoo.md) the two products take 9.15 and 3.18 ms (34 and 97 TFLOP/s) for 144
-            blocks of 1024 x 1024, against 2.17 ms for both when decoding to a transient fp32 workspace and
+            H100 (benchmarks/results/shampoo.md) the two products take 9.17 and 2.90 ms (34 and 107 TFLOP/s) for 144
+            blocks of 1024 x 1024, against 2.20 ms for both when decoding to a transient fp32 workspace and
             multiplying with cuBLAS in TF32.
     """
 
@@ -403,13 +446,14 @@ class Shampoo(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
                  first_order_bits: int = 32, ema_every_step: bool = False, statistics_bjorck_steps: int = 1,
                  root_bjorck_steps: int = 4, min_precondition_numel: int = 4096, max_fallbacks: int = 1,
-                 eigh_fallback: bool = False, precision: str = "tf32", qr_panel: int = 128, chunk_blocks: int = 16,
-                 fused: bool = False):
+                 eigh_fallback: bool = False, precision: str = "tf32", refresh_precision: str | None = None,
+                 qr_panel: int = 512, chunk_blocks: int = 16, precondition_chunk_blocks: int = 48, fused: bool = False):
         checks = [
             ("bits", bits in SHAMPOO_BITS, f"one of {SHAMPOO_BITS}"),
             ("first_order_bits", first_order_bits in FIRST_ORDER_BITS, f"one of {FIRST_ORDER_BITS}"),
             ("grafting", grafting in GRAFTINGS, f"one of {GRAFTINGS}"),
             ("precision", precision in ("tf32", "ieee"), "'tf32' or 'ieee'"),
+            ("refresh_precision", refresh_precision in (None, "tf32", "ieee"), "None, 'tf32' or 'ieee'"),
             ("lr", lr >= 0, ">= 0"),
             ("max_preconditioner_dim", isinstance(max_preconditioner_dim, int) and max_preconditioner_dim >= 1,
              "an int >= 1"),
@@ -429,6 +473,7 @@ class Shampoo(torch.optim.Optimizer):
             ("max_fallbacks", max_fallbacks >= 0, ">= 0"),
             ("qr_panel", qr_panel >= 1, ">= 1"),
             ("chunk_blocks", chunk_blocks >= 1, ">= 1"),
+            ("precondition_chunk_blocks", precondition_chunk_blocks >= 1, ">= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -444,11 +489,11 @@ class Shampoo(torch.optim.Optimizer):
         self.statistics_bjorck_steps, self.root_bjorck_steps = statistics_bjorck_steps, root_bjorck_steps
         self.min_precondition_numel, self.max_fallbacks = min_precondition_numel, max_fallbacks
         self.eigh_fallback, self.precision, self.qr_panel = eigh_fallback, precision, qr_panel
-        self.chunk_blocks, self.fused = chunk_blocks, fused
+        self.chunk_blocks, self.precondition_chunk_blocks, self.fused = chunk_blocks, precondition_chunk_blocks, fused
         # Björck, the rebuilt factor, the new statistics and the warm start feed a factor whose 4-bit eigenvectors carry
         # ~5% entry error, which swamps TF32's 1e-3; the fp32 baseline keeps exact fp32 products. The QR's
         # projections, the Rayleigh quotients and the orthogonality test always multiply in exact fp32.
-        self.refresh_precision = "tf32" if bits == 4 else "ieee"
+        self.refresh_precision = refresh_precision or ("tf32" if bits == 4 else "ieee")
         self._initialised = False
         super().__init__(params, defaults)
         self._params = [p for group in self.param_groups for p in group["params"]]
@@ -667,11 +712,13 @@ class Shampoo(torch.optim.Optimizer):
             scales = grad_norms / (torch.stack(pre_norms) + _GRAFT_EPS)
             scales = torch.where(torch.isfinite(grad_norms), scales, 0.0)
             torch._foreach_mul_([directions[i] for i in preconditioned], list(scales.unbind()))
-        for i in present:
-            if directions[i] is None:
-                directions[i] = torch.where(torch.isfinite(norms[i]), grads[i], 0.0)
-            else:
-                directions[i] = directions[i].view(grads[i].shape)
+        plain = [i for i in present if directions[i] is None]
+        if plain:
+            finite = torch.isfinite(torch.stack([norms[i] for i in plain]))
+            for k, i in enumerate(plain):
+                directions[i] = torch.where(finite[k], grads[i], 0.0)
+        for i in preconditioned:
+            directions[i] = directions[i].view(grads[i].shape)
         return directions
 
     def _precondition(self, batch: BlockBatch, grads2d, directions) -> None:
@@ -680,14 +727,15 @@ class Shampoo(torch.optim.Optimizer):
         entries = [(i, block) for i, block in enumerate(batch.blocks) if grads2d[block.param] is not None]
         if not entries:
             return
+        device = batch.left.eigenvalues.device
+        if not (self.fused and _use_triton(device)):
+            self._precondition_torch(batch, entries, grads2d, directions)
+            return
+        from ..templates.shampoo import batch_table, batched_matmul, pointer_table
+
         grad_views = [block.of(grads2d[block.param]) for _, block in entries]
         out_views = [block.of(directions[block.param]) for _, block in entries]
         everyone = len(entries) == len(batch.blocks)
-        device = batch.left.eigenvalues.device
-        if not (self.fused and _use_triton(device)):
-            self._precondition_torch(batch, [i for i, _ in entries], grad_views, out_views)
-            return
-        from ..templates.shampoo import batch_table, batched_matmul, pointer_table
 
         def build():
             index = None if everyone else torch.tensor([i for i, _ in entries], dtype=torch.int32).to(
@@ -706,26 +754,38 @@ class Shampoo(torch.optim.Optimizer):
                        lhs_transposed=True, diag=batch.right.root_diagonal, lhs_index=index, sanitize=True,
                        precision=self.precision, out_dtype=out_views[0].dtype)
 
-    def _precondition_torch(self, batch: BlockBatch, indices: list[int], grad_views, out_views) -> None:
-        """The unfused products: per chunk of blocks, decode both roots' off-diagonals to fp32 (a transient
-        workspace), ``T = O_L G + a_L * G``, ``Ĝ = T O_R + T * a_R`` with batched matmuls (the diagonals exact in
-        fp32, so an identity root passes G through unchanged)."""
+    def _precondition_torch(self, batch: BlockBatch, entries: list[tuple[int, Block]], grads2d, directions) -> None:
+        """The unfused products, per chunk of ``precondition_chunk_blocks`` blocks: the chunk's gradient blocks
+        gathered by one copy (a view per run of a parameter's adjacent blocks, see ``_block_runs``), each root as an
+        fp32 matrix ``O + diag(a)`` (4-bit off-diagonals decoded into a transient workspace), ``Ĝ = L G R`` as two
+        batched cuBLAS matmuls, and one copy per run into the directions, non-finite results zeroed. A
+        fixed handful of torch calls per chunk: on an H100 host this path is bound by the host's time per call
+        (benchmarks/profile_steps.py), not by the GPU."""
         device = batch.left.eigenvalues.device
         with matmul_precision(self.precision):
-            for start, end in self._chunks(len(indices)):
-                chunk = indices[start:end]
-                contiguous = chunk == list(range(chunk[0], chunk[0] + len(chunk)))
-                select = (lambda t: t[chunk[0]:chunk[0] + len(chunk)]) if contiguous else (
-                    lambda t: t[torch.tensor(chunk).to(device, non_blocking=True)])
+            for start in range(0, len(entries), self.precondition_chunk_blocks):
+                chunk = entries[start:start + self.precondition_chunk_blocks]
+                indices = [i for i, _ in chunk]
+                contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+                select = (lambda t: t[indices[0]:indices[0] + len(indices)]) if contiguous else (
+                    lambda t: t[torch.tensor(indices).to(device, non_blocking=True)])
                 left, right = (side.selected(select) for side in (batch.left, batch.right))
-                g = torch.stack(grad_views[start:end]).to(torch.float32)
-                product = torch.baddbmm(left.root_diagonal[:, :, None] * g, left.root_offdiagonal_matrices(), g)
+                runs = _block_runs([block for _, block in chunk])
+                sources = [_run_view(grads2d[head.param], head, last - first, across)
+                           for first, last, head, across in runs]
+                g = (torch.cat(sources) if len(sources) > 1 else sources[0]).to(torch.float32)
+                out = torch.bmm(torch.bmm(left.root_matrices(), g), right.root_matrices())
                 del g
-                out = torch.baddbmm(product * right.root_diagonal[:, None, :], product,
-                                    right.root_offdiagonal_matrices())
-                out = torch.where(torch.isfinite(out), out, 0.0)
-                for view, value in zip(out_views[start:end], out.unbind()):
-                    view.copy_(value)
+                # Non-finite results become 0 on the way into the directions (one pass when they are fp32).
+                fp32 = directions[chunk[0][1].param].dtype == torch.float32
+                if not fp32:
+                    out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                for first, last, head, across in runs:
+                    target = _run_view(directions[head.param], head, last - first, across)
+                    if fp32:
+                        torch.nan_to_num(out[first:last], nan=0.0, posinf=0.0, neginf=0.0, out=target)
+                    else:
+                        target.copy_(out[first:last])
 
     # ------------------------------------------------------------------ first-order rule
     def _first_order_step(self, directions) -> None:

@@ -691,18 +691,35 @@ def kernel_for(spec: str) -> FusedUpdateKernel:
     return found
 
 
-@torch.library.custom_op("lowbit::fused_update_", mutates_args=("mutated",))
-def fused_update_(mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor],
+# Defined with the low-level ``torch.library.Library`` API, not ``torch.library.custom_op``: a custom_op runs
+# Python autograd, ADInplaceOrView and aliasing-check layers on every call, each converting the tensor lists between
+# Python and C++ and bumping version counters one tensor at a time. For a group of hundreds of tensors that host work
+# cost more than the kernel itself (benchmarks/profile_steps.py shows it). Here the dispatcher goes straight to
+# ``_fused_update`` (there is no autograd formula: an optimizer step runs under no_grad), which bumps every mutated
+# tensor's version counter in one call, so autograd still sees the in-place update.
+_LIBRARY = torch.library.Library("lowbit", "FRAGMENT")
+_LIBRARY.define("fused_update_(Tensor(a!)[] mutated, Tensor[] inputs, Tensor[] scalars, str spec) -> ()")
+
+
+def _fused_update(mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor],
                   spec: str) -> None:
     """Run the fused update ``spec`` over a group of parameters: ``mutated`` and ``inputs`` hold, role by role,
     each parameter's tensor (quantized roles: all codes, then all scales), ``mutated`` ends with the accumulators;
     ``scalars`` are the 0-d tensors the body reads."""
-    kernel_for(spec).launch(list(mutated), list(inputs), list(scalars))
+    kernel_for(spec).launch(mutated, inputs, scalars)
+    torch._C._increment_version(mutated)
 
 
-@fused_update_.register_fake
+for _dispatch_key in ("CPU", "CUDA"):
+    _LIBRARY.impl("fused_update_", _fused_update, _dispatch_key)
+
+
+@torch.library.register_fake("lowbit::fused_update_", lib=_LIBRARY)
 def _(mutated, inputs, scalars, spec):
     return None
+
+
+fused_update_ = torch.ops.lowbit.fused_update_
 
 
 __all__ = ["KernelSpec", "FusedUpdateKernel", "fused_update_", "kernel_for", "render_source", "tile_shape",

@@ -203,8 +203,9 @@ def _interpreting() -> bool:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per left-operand kind: the fastest of benchmarks/shampoo.py's
 # candidates on an H100 for 144 blocks of 1024 x 1024 when they were chosen (no autotuning, which the interpreter
-# cannot run). Its latest run (benchmarks/results/shampoo.md) times these at 9.15 and 3.18 ms (34 and 97 TFLOP/s),
-# with (64, 128, 32, 4, 3) slightly ahead for the transposed kind (2.90 ms). A quantized operand's tile spans at most one 64-element block along its stored rows
+# cannot run). Its latest run (benchmarks/results/shampoo.md) times these at 9.17 and 3.17 ms (34 and 98 TFLOP/s),
+# with (64, 128, 32, 4, 3) ahead for the transposed kind (2.90 ms, in two runs; not switched yet: the GPU tests ran
+# with these). A quantized operand's tile spans at most one 64-element block along its stored rows
 # (BLOCK_K, or BLOCK_M when transposed).
 TILES = {"quantized": (128, 256, 32, 8, 3), "quantized_transposed": (64, 256, 32, 8, 3), "plain": (128, 128, 32, 8, 3)}
 _INTERPRETER_TILES = {"quantized": (128, 128, 64, 4, 1), "quantized_transposed": (64, 128, 64, 4, 1),
