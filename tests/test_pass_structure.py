@@ -31,6 +31,25 @@ def test_n_parameters_of_one_spec_are_one_launch_in_the_generated_code():
         assert leftover not in wrapper
 
 
+def test_the_fused_op_bumps_the_version_of_every_tensor_it_writes(monkeypatch):
+    """Autograd must see the kernel's in-place writes (a tensor saved for backward and then stepped on must raise, as
+    with torch's own fused optimizers): the op bumps every mutated tensor's version, and no input's. The kernel is
+    replaced by one that writes nothing, so only the op's own bookkeeping is seen (the interpreter's stores would
+    bump versions by themselves)."""
+    from lowbit_compile.templates import fused_update
+
+    class NoKernel:
+        def launch(self, mutated, inputs, scalars):
+            pass
+
+    monkeypatch.setattr(fused_update, "kernel_for", lambda spec: NoKernel())
+    mutated = [torch.zeros(3), torch.zeros(2, dtype=torch.uint8), torch.zeros((), dtype=torch.int64)]
+    inputs, scalars = [torch.ones(3)], [torch.ones(())]
+    before = [t._version for t in mutated + inputs + scalars]
+    torch.ops.lowbit.fused_update_(mutated, inputs, scalars, "unused")
+    assert [t._version for t in mutated + inputs + scalars] == [v + 1 for v in before[:3]] + before[3:]
+
+
 def test_small_tensors_with_fp32_state_form_their_own_group():
     # The optimizer keeps state in fp32 under min_quant_numel: a second spec, so a second launch.
     def formats(numel):

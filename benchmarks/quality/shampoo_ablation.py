@@ -5,7 +5,8 @@
 Variants (same seeds, data and hyperparameters as ``benchmarks/quality/run.py``): 32-bit and 4-bit Shampoo; 4-bit
 with the eigenvectors kept in fp32 (the inverse root's off-diagonal still 4-bit); 4-bit with the root's off-diagonal
 kept in fp32; and fp32 eigenvectors that are rounded through the 4-bit format only where the statistics refresh reads
-them (rebuilding A = Vᵀ diag(λ) V), or only where the inverse-root refresh reads them. The variants swap storage and
+them (rebuilding A = Vᵀ diag(λ) V), or only where the inverse-root refresh reads them; and 4-bit with 0, 2 or 4
+Björck steps before the statistics rebuild instead of 1 (is the loss non-orthogonality?). The variants swap storage and
 wrap methods of one optimizer instance: a diagnostic, not an API. Writes ``quality.shampoo_ablation.{json,md}``.
 """
 from __future__ import annotations
@@ -68,12 +69,14 @@ def _round_while(opt, method_name: str) -> None:
     setattr(opt, method_name, wrapped)
 
 
-def _variant(fp32: tuple[str, ...], rounded_in: str | None = None):
+def _variant(fp32: tuple[str, ...] = (), rounded_in: str | None = None, statistics_bjorck_steps: int | None = None):
     def build(params, lr):
         opt = suite._shampoo(4)(params, lr)
         _keep_fp32(opt, fp32)
         if rounded_in is not None:
             _round_while(opt, rounded_in)
+        if statistics_bjorck_steps is not None:
+            opt.statistics_bjorck_steps = statistics_bjorck_steps
         return opt
     return build
 
@@ -87,6 +90,8 @@ VARIANTS = {
                                _variant(("eigenvectors",), "_refresh_statistics")),
     "rounded_for_root": ("fp32 eigenvectors, 4-bit-rounded for the inverse-root refresh only",
                          _variant(("eigenvectors",), "_refresh_roots")),
+    **{f"statistics_bjorck{k}": (f"4-bit, {k} Björck steps before the statistics rebuild (default 1)",
+                                 _variant(statistics_bjorck_steps=k)) for k in (0, 2, 4)},
 }
 
 
