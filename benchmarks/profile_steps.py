@@ -11,10 +11,11 @@ benchmarks' (step_time.py, shampoo.py).
 With ``--python-profile`` each case's host side is also run under cProfile (top functions by own time).
 
 Cases: adamw8 / adamw4 (ours compiled, 64 x 4096² fp32), gpt2_ours8 / gpt2_torch (the GPT-2-124M list), shampoo4 /
-shampoo32 (a plain step of ours on the 12-layer d=1024 stack, its preconditioning alone and, 4-bit, a statistics-refresh
-step), shampoo_fused (a plain step with the Triton templates), host_ops (host cost of one torch op by tensor size),
-shampoo_refresh (plain and refresh step times per QR panel and chunk size), host (64 tiny tensors: a step's host cost alone, with inductor's size asserts off (our default) and on), tf32 (a batched
-1024³ matmul under each float32 matmul precision).
+shampoo32 (a plain step of ours on the 12-layer d=1024 stack, its preconditioning alone and, 4-bit, a
+statistics-refresh step), shampoo_fused (a plain step with the Triton templates), host_ops (host cost of one torch op
+by tensor size), shampoo_refresh (plain and refresh step times per QR panel and chunk size), host (64 tiny tensors: a
+step's host cost alone, with inductor's size asserts off (our default) and on), tf32 (a batched 1024³ matmul under
+each float32 matmul precision).
 """
 from __future__ import annotations
 
@@ -176,6 +177,9 @@ def case_host_ops() -> None:
     ops = {"empty_like": torch.empty_like, "isfinite": torch.isfinite, "mul 2": lambda x: x * 2,
            "nan_to_num_": lambda x: x.nan_to_num_(0.0, 0.0, 0.0), "clone": torch.clone}
     for name, op in ops.items():
+        for x in (small, big):
+            for _ in range(5):  # first calls load kernels
+                op(x)
         cells = [host_ms(lambda: op(x), 200) * 1e3 for x in (small, big)]
         print(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |", flush=True)
 

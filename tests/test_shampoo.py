@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 import lowbit_compile.optim.shampoo as shampoo_module
 from lowbit_compile.optim.shampoo import (EIGENVECTOR_FORMAT, RANK_SHIFT, FactorSide, Shampoo, matrix_shape,
                                           partition)
+from lowbit_compile.templates.shampoo import QuantizedRows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -46,7 +47,8 @@ def ref_root(rows, eigenvalues, epsilon, bjorck_steps):
 LEVELS = EIGENVECTOR_FORMAT.codebook.double()
 
 
-def assert_quantized_from(stored: torch.Tensor, exact: torch.Tensor, tie: float = 5e-3, max_ties: float = 0.15):
+def assert_quantized_from(stored: torch.Tensor, exact: torch.Tensor, tie: float = 5e-3, max_ties: float = 0.15,
+                          stochastic: bool = False):
     """``stored`` (decoded 4-bit rows) holds ``exact`` rounded to the nearest level of each 64-block, except that
     where ``exact`` lies within ``tie`` (normalised units) of a midpoint, fp32 rounding may have picked the other
     neighbour (the QR's columns carry cond(Y) * 6e-8 of fp32 error, up to ~1e-3 here). A code flipped that way moves a
@@ -64,6 +66,13 @@ def assert_quantized_from(stored: torch.Tensor, exact: torch.Tensor, tie: float 
     assert torch.allclose(stored_scale, scale, rtol=1e-3, atol=1e-30)
     y = exact_blocks / torch.where(scale > 0, scale, 1.0)
     got = stored_blocks / torch.where(stored_scale > 0, stored_scale, 1.0)
+    on_level = (got[..., None] - LEVELS).abs().amin(-1) <= 1e-6
+    assert bool(on_level.all()), "a stored value is not a level of the format"
+    if stochastic:  # either level bracketing the reference value (within the refresh's rounding noise)
+        upper = torch.searchsorted(LEVELS, y.contiguous()).clamp(1, len(LEVELS) - 1)
+        low, high = LEVELS[upper - 1], LEVELS[upper]
+        assert bool(((got >= low - 2 * tie) & (got <= high + 2 * tie)).all()), "a stored code does not bracket"
+        return
     distance, order = (y[..., None] - LEVELS).abs().topk(2, largest=False)
     nearest = (got - LEVELS[order[..., 0]]).abs() <= 1e-6
     tied = ((got - LEVELS[order[..., 1]]).abs() <= 1e-6) & (distance[..., 1] - distance[..., 0] <= 2 * tie)
@@ -123,7 +132,8 @@ def check_step(opt: Shampoo, before: dict, after: dict, grads: list[torch.Tensor
                         gap = torch.minimum(torch.cat([gaps, gaps.new_full((1,), math.inf)]),
                                             torch.cat([gaps.new_full((1,), math.inf), gaps]))
                         separated = gap >= 1e-2 * scale
-                        assert_quantized_from(new["rows"][b][separated], rows[separated])
+                        assert_quantized_from(new["rows"][b][separated], rows[separated],
+                                              stochastic=opt.eigenvector_rounding == "stochastic")
                     else:
                         factor_new = (new["rows"][b].mT * new["eigenvalues"][b]) @ new["rows"][b]
                         assert relative(factor_new, (rows.mT * values) @ rows) <= tolerances["factor"]
@@ -187,14 +197,14 @@ TOLERANCES = {32: dict(eigenvalues=1e-4, factor=1e-4, root=1e-4, update=1e-4),
 @given(shapes=st.lists(SHAPES, min_size=1, max_size=3), bits=st.sampled_from([4, 32]),
        grafting=st.sampled_from(["adamw", "sgd"]), ema=st.booleans(), frequencies=st.sampled_from([(1, 1), (1, 2),
                                                                                                  (2, 1)]),
-       fused=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies, fused, seed):
+       fused=st.booleans(), rounding=st.sampled_from(["nearest", "stochastic"]), seed=st.integers(0, 2**31 - 1))
+def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies, fused, rounding, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(DEVICE)) for shape in shapes]
     opt = Shampoo(params, lr=0.05, bits=bits, max_preconditioner_dim=64, precondition_frequency=frequencies[0],
                   inverse_root_frequency=frequencies[1], grafting=grafting, weight_decay=0.01, epsilon=1e-3,
                   ema_every_step=ema, min_precondition_numel=100, precision="ieee", refresh_precision="ieee",
-                  momentum=0.5,
+                  eigenvector_rounding=rounding, momentum=0.5,
                   nesterov=grafting == "sgd", fused=fused)
     for step in range(1, 4):
         before = snapshot(opt)
@@ -306,6 +316,49 @@ def test_block_runs_write_every_block_back_in_place(shapes, max_dim, chunk, seed
                 shampoo_module._run_view(targets[head.param], head, last - first, across).copy_(gathered[first:last])
     for source, target in zip(sources, targets):
         assert torch.equal(source, target)
+
+
+@settings(deadline=None, max_examples=30)
+@given(count=st.integers(0, 3), rows=st.integers(1, 5), cols=st.sampled_from([1, 7, 64, 65, 130]),
+       log_scale=st.floats(-30, 30), zeros=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_stochastic_levels_pick_a_bracketing_level_and_encode_exactly(count, rows, cols, log_scale, zeros, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, rows, cols, generator=gen) * 2.0 ** log_scale
+    if zeros:
+        x[..., ::3] = 0.0
+    rounded = shampoo_module.stochastic_levels(x, EIGENVECTOR_FORMAT, torch.Generator().manual_seed(seed + 1))
+    assert rounded.shape == x.shape
+    if count == 0:
+        return
+    decoded = shampoo_module._decode_rows(QuantizedRows(*shampoo_module._encode_rows(rounded, EIGENVECTOR_FORMAT),
+                                                        EIGENVECTOR_FORMAT, cols))
+    assert torch.equal(decoded, rounded)  # exactly on the format's levels: the stored codes are the drawn ones
+    assert_quantized_from(rounded.reshape(-1, cols), x.reshape(-1, cols), tie=1e-6, stochastic=True)
+    assert bool((rounded[x == 0] == 0).all())
+
+
+def test_stochastic_levels_are_unbiased():
+    x = torch.tensor([[[1.0, -0.3, 0.05, 0.2, -0.7, 0.0021, 0.5, -0.01]]])
+    draws = torch.stack([shampoo_module.stochastic_levels(x, EIGENVECTOR_FORMAT, torch.Generator().manual_seed(k))
+                         for k in range(4000)])
+    step = 0.25  # the widest gap between linear2 levels, times the block's absmax (1)
+    assert float((draws.mean(0) - x).abs().max()) <= 4 * step / 2 / 4000 ** 0.5
+    assert bool((draws.std(0)[..., 2:4] > 0).all())  # values between levels do vary
+
+
+def test_stochastic_rounding_is_seeded_by_seed_and_step():
+    def codes(seed):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(70, 65, generator=gen).to(DEVICE))]
+        opt = Shampoo(params, precondition_frequency=1, min_precondition_numel=100,
+                      eigenvector_rounding="stochastic", seed=seed)
+        for _ in range(2):
+            params[0].grad = torch.randn(70, 65, generator=gen).to(DEVICE)
+            opt.step()
+        return torch.cat([side.eigenvectors.codes.flatten() for batch in opt.batches
+                          for side in (batch.left, batch.right) if side.fmt is not None])
+    assert torch.equal(codes(3), codes(3))
+    assert not torch.equal(codes(3), codes(4))
 
 
 def test_one_batch_per_block_shape():
@@ -453,6 +506,7 @@ def test_parameters_without_gradients_are_skipped():
 @pytest.mark.parametrize("kwargs,name", [
     (dict(bits=8), "bits"), (dict(first_order_bits=16), "first_order_bits"), (dict(grafting="adam"), "grafting"),
     (dict(precision="fp16"), "precision"), (dict(refresh_precision="fp16"), "refresh_precision"),
+    (dict(eigenvector_rounding="up"), "eigenvector_rounding"),
     (dict(lr=-1.0), "lr"), (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
     (dict(precondition_chunk_blocks=0), "precondition_chunk_blocks"),
     (dict(precondition_frequency=0), "precondition_frequency"), (dict(inverse_root_frequency=0),

@@ -39,10 +39,10 @@ class OptimizerChoice:
     build: Callable[[list, float], torch.optim.Optimizer]
 
 
-def _shampoo(bits: int):
+def _shampoo(bits: int, **options):
     def build(params, lr):
         return lbc_optim.Shampoo(params, lr=lr, bits=bits, precondition_frequency=10, inverse_root_frequency=20,
-                                 grafting="adamw", betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
+                                 grafting="adamw", betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, **options)
     return build
 
 
@@ -61,6 +61,8 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
         p, lr=lr / 10, betas=(0.9, 0.99), weight_decay=10 * WEIGHT_DECAY, bits=8)),
     "shampoo32": OptimizerChoice("Shampoo 32-bit", _shampoo(32)),
     "shampoo4": OptimizerChoice("Shampoo 4-bit", _shampoo(4)),
+    "shampoo4_sr": OptimizerChoice("Shampoo 4-bit, stochastic eigenvector rounding",
+                                   _shampoo(4, eigenvector_rounding="stochastic")),
     # The settings of benchmarks/results/efcp.quality.md (its lr is M-FAC's own scale, not AdamW's).
     "efmfac": OptimizerChoice("EF-M-FAC (Q8 error feedback)", lambda p, lr: lbc_optim.EFMFAC(
         p, lr=0.01, m=64, density=0.01, damping=1e-3)),

@@ -61,11 +61,12 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.sgd import sgd as torch_sgd
 
 from .. import ops  # noqa: F401  (registers torch.ops.lowbit.dequant / requant_)
-from ..formats import Q4, Q8, Quantized, decode, encode
+from ..formats import Q4, Q8, Quantized, decode, encode, tables
 from . import rules
 from .core import evaluate_closure
 
 GRAFTINGS = ("adamw", "sgd")
+EIGENVECTOR_ROUNDINGS = ("nearest", "stochastic")
 SHAMPOO_BITS = (4, 32)
 FIRST_ORDER_BITS = (32, 8, 4)
 ORTHOGONALITY_TOLERANCE = 1e-3
@@ -274,6 +275,25 @@ def _decode_rows(q) -> torch.Tensor:
     return full[..., :q.cols]
 
 
+def stochastic_levels(x: torch.Tensor, fmt: Quantized, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (``(batch, rows, cols)`` fp32, rows in 64-blocks as stored) with every entry moved to one of the two levels
+    of ``fmt`` (times its block's absmax) that bracket it, the upper one with probability proportional to the distance
+    from the lower: an unbiased rounding (the block's absmax entry stays exact, so ``_encode_rows`` of the result gives
+    the chosen codes). Device-agnostic torch ops; ``generator`` on ``x``'s device."""
+    from ..templates.shampoo import padded_row_length
+    count, rows, cols = x.shape
+    width = padded_row_length(cols, fmt)
+    blocks = torch.nn.functional.pad(x, (0, width - cols)).view(count, rows, width // fmt.block, fmt.block)
+    scale = blocks.abs().amax(-1, keepdim=True)
+    y = (blocks / torch.where(scale > 0, scale, 1.0)).clamp(-1.0, 1.0)
+    levels = tables(fmt, x.device)[0]
+    upper = torch.searchsorted(levels, y.contiguous()).clamp(1, levels.numel() - 1)
+    low, high = levels[upper - 1], levels[upper]
+    take_high = torch.rand(y.shape, generator=generator, device=x.device) * (high - low) < (y - low)
+    rounded = torch.where(take_high, high, low) * scale
+    return rounded.view(count, rows, width)[..., :cols]
+
+
 class FactorSide:
     """The left or right Kronecker factors of one batch of same-shape blocks (``count`` factors of order ``order``):
     eigenvectors as rows (sorted by decreasing eigenvalue) + fp32 eigenvalues, the inverse root as fp32 diagonal +
@@ -359,7 +379,12 @@ class FactorSide:
         stored.codes.copy_(torch.where(keep, codes, stored.codes))
         stored.absmax.copy_(torch.where(keep, absmax, stored.absmax))
 
-    def store_eigenbasis(self, rows: torch.Tensor, eigenvalues: torch.Tensor, ok: torch.Tensor) -> None:
+    def store_eigenbasis(self, rows: torch.Tensor, eigenvalues: torch.Tensor, ok: torch.Tensor,
+                         generator: torch.Generator | None = None) -> None:
+        """Keep the blocks ``ok`` selects; with ``generator``, 4-bit rows are rounded stochastically
+        (``stochastic_levels``) instead of to the nearest level."""
+        if generator is not None and self.fmt is not None:
+            rows = stochastic_levels(rows, self.fmt, generator)
         self._store(self.eigenvectors, rows, ok)
         self.eigenvalues.copy_(torch.where(ok[:, None], eigenvalues, self.eigenvalues))
 
@@ -433,6 +458,13 @@ class Shampoo(torch.optim.Optimizer):
         chunk_blocks: blocks refreshed together; bounds the refresh's temporary memory (~1 GB at 16 blocks of 1024).
         precondition_chunk_blocks: blocks preconditioned together per step on the unfused path (five transient fp32
             matrices per block: ~1 GB at 48 blocks of 1024; fewer chunks, fewer host calls per step).
+        eigenvector_rounding: "nearest" (the paper's) or "stochastic": a statistics refresh stores its 4-bit
+            eigenvectors with unbiased stochastic rounding (``stochastic_levels``), drawn from a generator seeded by
+            ``seed`` and the step, so a run and a resumed run draw the same. An experiment, not a default: on the
+            CPU quality suite (benchmarks/results/quality.md, 10 seeds) it keeps 101% of 32-bit Shampoo's gain on
+            the char LM (nearest: 83%) and 104% on the digits CNN (96%), but 88% on the digits MLP (94%) and 38% on
+            MNIST-1D (88%).
+        seed: see ``eigenvector_rounding``.
         fused: run the per-step products and Björck with the Triton templates, the 4-bit operand decoded in
             registers (one launch per product per batch, no fp32 copy of a root in memory). Off by default: on an
             H100 (benchmarks/results/shampoo.md) the two products take 9.17 and 2.90 ms (34 and 107 TFLOP/s) for 144
@@ -447,13 +479,15 @@ class Shampoo(torch.optim.Optimizer):
                  first_order_bits: int = 32, ema_every_step: bool = False, statistics_bjorck_steps: int = 1,
                  root_bjorck_steps: int = 4, min_precondition_numel: int = 4096, max_fallbacks: int = 1,
                  eigh_fallback: bool = False, precision: str = "tf32", refresh_precision: str | None = None,
-                 qr_panel: int = 512, chunk_blocks: int = 16, precondition_chunk_blocks: int = 48, fused: bool = False):
+                 qr_panel: int = 512, chunk_blocks: int = 16, precondition_chunk_blocks: int = 48, fused: bool = False,
+                 eigenvector_rounding: str = "nearest", seed: int = 0):
         checks = [
             ("bits", bits in SHAMPOO_BITS, f"one of {SHAMPOO_BITS}"),
             ("first_order_bits", first_order_bits in FIRST_ORDER_BITS, f"one of {FIRST_ORDER_BITS}"),
             ("grafting", grafting in GRAFTINGS, f"one of {GRAFTINGS}"),
             ("precision", precision in ("tf32", "ieee"), "'tf32' or 'ieee'"),
             ("refresh_precision", refresh_precision in (None, "tf32", "ieee"), "None, 'tf32' or 'ieee'"),
+            ("eigenvector_rounding", eigenvector_rounding in EIGENVECTOR_ROUNDINGS, f"one of {EIGENVECTOR_ROUNDINGS}"),
             ("lr", lr >= 0, ">= 0"),
             ("max_preconditioner_dim", isinstance(max_preconditioner_dim, int) and max_preconditioner_dim >= 1,
              "an int >= 1"),
@@ -490,6 +524,7 @@ class Shampoo(torch.optim.Optimizer):
         self.min_precondition_numel, self.max_fallbacks = min_precondition_numel, max_fallbacks
         self.eigh_fallback, self.precision, self.qr_panel = eigh_fallback, precision, qr_panel
         self.chunk_blocks, self.precondition_chunk_blocks, self.fused = chunk_blocks, precondition_chunk_blocks, fused
+        self.eigenvector_rounding, self.seed = eigenvector_rounding, seed
         # Björck, the rebuilt factor, the new statistics and the warm start feed a factor whose 4-bit eigenvectors carry
         # ~5% entry error, which swamps TF32's 1e-3; the fp32 baseline keeps exact fp32 products. The QR's
         # projections, the Rayleigh quotients and the orthogonality test always multiply in exact fp32.
@@ -618,7 +653,17 @@ class Shampoo(torch.optim.Optimizer):
         """Ranges of at most ``chunk_blocks`` blocks: a refresh holds ~10 fp32 matrices per block at once."""
         return [(start, min(start + self.chunk_blocks, count)) for start in range(0, count, self.chunk_blocks)]
 
+    def _rounding_generator(self) -> torch.Generator | None:
+        """The generator of this refresh's stochastic rounding (None for nearest rounding): seeded by ``seed`` and
+        the step, so it needs no state of its own."""
+        if self.eigenvector_rounding != "stochastic":
+            return None
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed((self.seed * 1_000_003 + self._step) % 2**63)
+        return generator
+
     def _refresh_statistics(self, grads2d) -> None:
+        generator = self._rounding_generator()
         with matmul_precision("ieee"):
             for batch in self.batches:
                 for start, end in self._chunks(len(batch.blocks)):
@@ -627,17 +672,18 @@ class Shampoo(torch.optim.Optimizer):
                         decay = self.beta ** self.precondition_frequency
                         usable = torch.ones(end - start, dtype=torch.bool, device=self._device)
                         for side in (left, right):
-                            self._refresh_side(side, side.ema, decay, usable)
+                            self._refresh_side(side, side.ema, decay, usable, generator)
                             side.ema.zero_()
                     else:
                         g, ok = self._stacked_blocks(batch.blocks[start:end], grads2d, self._device)
                         with matmul_precision(self.refresh_precision):
                             left_update, right_update = (1 - self.beta) * (g @ g.mT), (1 - self.beta) * (g.mT @ g)
                         del g
-                        self._refresh_side(left, left_update, self.beta, ok)
-                        self._refresh_side(right, right_update, self.beta, ok)
+                        self._refresh_side(left, left_update, self.beta, ok, generator)
+                        self._refresh_side(right, right_update, self.beta, ok, generator)
 
-    def _refresh_side(self, side: FactorSide, update: torch.Tensor, decay: float, usable: torch.Tensor) -> None:
+    def _refresh_side(self, side: FactorSide, update: torch.Tensor, decay: float, usable: torch.Tensor,
+                      generator: torch.Generator | None = None) -> None:
         rows = bjorck(side.eigenvector_rows(), self.statistics_bjorck_steps, self.refresh_precision, self.fused)
         with matmul_precision(self.refresh_precision):
             factor = decay * rebuild_factor(rows, side.eigenvalues) + update
@@ -649,7 +695,7 @@ class Shampoo(torch.optim.Optimizer):
         q, eigenvalues, ok = self._fall_back(factor, rows, q, eigenvalues, ok, error)
         ok = ok & usable
         self.counters["rejected_blocks"] += (~ok).sum()
-        side.store_eigenbasis(q.mT, eigenvalues, ok)
+        side.store_eigenbasis(q.mT, eigenvalues, ok, generator)
 
     def _fall_back(self, factor, rows, q, eigenvalues, ok, error):
         """Recompute the ``max_fallbacks`` worst blocks of the chunk in fp64 (and by eigh if enabled); blocks that
@@ -922,6 +968,6 @@ class Shampoo(torch.optim.Optimizer):
         return {name: int(value) for name, value in self.counters.items()}
 
 
-__all__ = ["Shampoo", "Block", "BlockBatch", "FactorSide", "matrix_shape", "partition", "matmul_precision", "bjorck",
+__all__ = ["Shampoo", "stochastic_levels", "EIGENVECTOR_ROUNDINGS", "Block", "BlockBatch", "FactorSide", "matrix_shape", "partition", "matmul_precision", "bjorck",
            "rebuild_factor", "warm_start", "orthonormal_basis", "rayleigh_sorted", "orthogonality_error",
            "inverse_fourth_root", "EIGENVECTOR_FORMAT", "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]
