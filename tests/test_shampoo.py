@@ -506,7 +506,7 @@ def test_parameters_without_gradients_are_skipped():
 @pytest.mark.parametrize("kwargs,name", [
     (dict(bits=8), "bits"), (dict(first_order_bits=16), "first_order_bits"), (dict(grafting="adam"), "grafting"),
     (dict(precision="fp16"), "precision"), (dict(refresh_precision="fp16"), "refresh_precision"),
-    (dict(eigenvector_rounding="up"), "eigenvector_rounding"),
+    (dict(eigenvector_rounding="up"), "eigenvector_rounding"), (dict(seed=0.5), "seed"),
     (dict(lr=-1.0), "lr"), (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
     (dict(precondition_chunk_blocks=0), "precondition_chunk_blocks"),
     (dict(precondition_frequency=0), "precondition_frequency"), (dict(inverse_root_frequency=0),

@@ -41,7 +41,8 @@ def summarize(payload: dict) -> list[dict]:
                          state_bytes_per_param=statistics.fmean(r["state_bytes_per_param"] for r in runs),
                          step_ms=statistics.median(r["step_ms"] for r in runs),
                          opt_step_ms=statistics.median(r["opt_step_ms"] for r in runs),
-                         all_finite=all(r["finite"] for r in runs)))
+                         all_finite=all(r["finite"] for r in runs),
+                         val_loss_by_seed={r["seed"]: r["val_loss"] for r in runs}))
     task_order, optimizer_order = list(payload["tasks"]), list(payload["optimizers"])
     rows.sort(key=lambda r: (task_order.index(r["task"]), optimizer_order.index(r["optimizer"])))
     by_key = {(r["task"], r["optimizer"]): r for r in rows}
@@ -82,8 +83,19 @@ def verdicts(rows: list[dict]) -> list[str]:
             gain4 = ref["val_loss_mean"] - s4["val_loss_mean"]
             kept = f"{100 * gain4 / gain32:.0f}%" if gain32 > 0 else "n/a (32-bit Shampoo does not beat AdamW)"
             lines.append(f"{task}: Shampoo val-loss gain over AdamW 32-bit {gain32:+.4f}, {s4['label']} "
-                         f"{gain4:+.4f}; keeps {kept}")
+                         f"{gain4:+.4f}; keeps {kept}{_paired(s4, s32)}")
     return lines
+
+
+def _paired(row: dict, base: dict) -> str:
+    """Mean ± standard error of the per-seed val-loss difference (same seeds, same data order): tells a real loss
+    from seed noise where the gains being compared are small."""
+    seeds = sorted(set(row.get("val_loss_by_seed", {})) & set(base.get("val_loss_by_seed", {})))
+    if len(seeds) < 2:
+        return ""
+    diffs = [row["val_loss_by_seed"][s] - base["val_loss_by_seed"][s] for s in seeds]
+    return (f" (per-seed val loss minus 32-bit Shampoo's: {statistics.fmean(diffs):+.4f} ± "
+            f"{statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f} s.e.)")
 
 
 def _fmt(mean, std, digits=4):

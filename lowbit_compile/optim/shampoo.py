@@ -488,6 +488,7 @@ class Shampoo(torch.optim.Optimizer):
             ("precision", precision in ("tf32", "ieee"), "'tf32' or 'ieee'"),
             ("refresh_precision", refresh_precision in (None, "tf32", "ieee"), "None, 'tf32' or 'ieee'"),
             ("eigenvector_rounding", eigenvector_rounding in EIGENVECTOR_ROUNDINGS, f"one of {EIGENVECTOR_ROUNDINGS}"),
+            ("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int"),
             ("lr", lr >= 0, ">= 0"),
             ("max_preconditioner_dim", isinstance(max_preconditioner_dim, int) and max_preconditioner_dim >= 1,
              "an int >= 1"),
