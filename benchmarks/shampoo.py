@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / ".ext"))
 
-from benchmarks._common import environment, grouped_bar_plot, markdown_table, write_json  # noqa: E402
+from benchmarks._common import cuda_event_ms, environment, grouped_bar_plot, markdown_table, write_json  # noqa: E402
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 T1, T2 = 100, 500
@@ -59,13 +59,8 @@ def set_grads(params, seed: int) -> None:
 
 
 def timed(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    return cuda_event_ms(fn)
 
 
 def timed_steps(opt, params, seeds) -> list[float]:
@@ -233,7 +228,8 @@ def sweep_tiles(count: int = 144, order: int = 1024) -> list[dict]:
 # Report
 # --------------------------------------------------------------------------------------------------------------
 COLUMNS = [("name", "optimizer", "s"), ("amortized_ms", "amortized ms/step", ".2f"),
-           ("plain_ms", "plain step ms", ".2f"), ("refresh_ms", "refresh step ms", ".1f"), ("refresh_and_root_ms", "refresh+root step ms", ".1f"),
+           ("plain_ms", "plain step ms", ".2f"), ("refresh_ms", "refresh step ms", ".1f"),
+           ("refresh_and_root_ms", "refresh+root step ms", ".1f"),
            ("state_B_per_param", "state B/param", ".3f"),
            ("preconditioner_B_per_param", "preconditioner B/param", ".3f"),
            ("allocated_B_per_param", "allocated B/param", ".2f"), ("peak_GB", "peak GB", ".2f")]

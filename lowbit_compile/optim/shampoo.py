@@ -650,9 +650,11 @@ class Shampoo(torch.optim.Optimizer):
                     batch.left.ema[start:end].baddbmm_(g, g.mT, beta=self.beta, alpha=1 - self.beta)
                     batch.right.ema[start:end].baddbmm_(g.mT, g, beta=self.beta, alpha=1 - self.beta)
 
-    def _chunks(self, count: int):
-        """Ranges of at most ``chunk_blocks`` blocks: a refresh holds ~10 fp32 matrices per block at once."""
-        return [(start, min(start + self.chunk_blocks, count)) for start in range(0, count, self.chunk_blocks)]
+    def _chunks(self, count: int, size: int | None = None):
+        """Ranges of at most ``size`` blocks (default ``chunk_blocks``: a refresh holds ~10 fp32 matrices per block
+        at once)."""
+        size = size or self.chunk_blocks
+        return [(start, min(start + size, count)) for start in range(0, count, size)]
 
     def _rounding_generator(self) -> torch.Generator | None:
         """The generator of this refresh's stochastic rounding (None for nearest rounding): seeded by ``seed`` and
@@ -810,8 +812,8 @@ class Shampoo(torch.optim.Optimizer):
         (benchmarks/profile_steps.py), not by the GPU."""
         device = batch.left.eigenvalues.device
         with matmul_precision(self.precision):
-            for start in range(0, len(entries), self.precondition_chunk_blocks):
-                chunk = entries[start:start + self.precondition_chunk_blocks]
+            for start, end in self._chunks(len(entries), self.precondition_chunk_blocks):
+                chunk = entries[start:end]
                 indices = [i for i, _ in chunk]
                 contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
                 select = (lambda t: t[indices[0]:indices[0] + len(indices)]) if contiguous else (
@@ -969,6 +971,6 @@ class Shampoo(torch.optim.Optimizer):
         return {name: int(value) for name, value in self.counters.items()}
 
 
-__all__ = ["Shampoo", "stochastic_levels", "EIGENVECTOR_ROUNDINGS", "Block", "BlockBatch", "FactorSide", "matrix_shape", "partition", "matmul_precision", "bjorck",
-           "rebuild_factor", "warm_start", "orthonormal_basis", "rayleigh_sorted", "orthogonality_error",
-           "inverse_fourth_root", "EIGENVECTOR_FORMAT", "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]
+__all__ = ["Shampoo", "stochastic_levels", "EIGENVECTOR_ROUNDINGS", "Block", "BlockBatch", "FactorSide",
+           "matrix_shape", "partition", "matmul_precision", "bjorck", "rebuild_factor", "warm_start", "orthonormal_basis",
+           "rayleigh_sorted", "orthogonality_error", "inverse_fourth_root", "EIGENVECTOR_FORMAT", "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]
