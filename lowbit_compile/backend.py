@@ -31,7 +31,8 @@ from .templates import fused_update  # noqa: F401  (registers lowbit::fused_upda
 PASS_OPTIONS = {"stochastic_rounding": bool}
 # An optimizer step's graph takes every parameter, gradient and state tensor as an input; inductor's per-input size and
 # stride asserts then cost more host time per step than the launches (~0.6 µs a tensor, ~0.4 ms for the GPT-2 list,
-# benchmarks/profile_steps.py). Dynamo's guards already check each input's sizes and strides before the graph runs.
+# H100, benchmarks/results/profile_steps.exploratory.md run 2). Dynamo's guards already check each input's sizes and
+# strides before the graph runs.
 DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False}
 
 

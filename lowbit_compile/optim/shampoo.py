@@ -454,7 +454,8 @@ class Shampoo(torch.optim.Optimizer):
         refresh_precision: "tf32" or "ieee" for the refresh's Björck steps, rebuilt factors, new statistics and warm
             start (default: "tf32" with 4-bit eigenvectors, whose quantization error swamps TF32's, "ieee" for bits=32).
         qr_panel: column panel of the batched QR (512: the fastest refresh of panels 128/512/1024 at 16-block chunks
-            on the benchmark stack, ``benchmarks/profile_steps.py --cases shampoo_refresh``).
+            on the benchmark stack, H100: 258.6 / 322.5 / 294.9 ms, ``benchmarks/results/profile_steps.exploratory.md``
+            run 3).
         chunk_blocks: blocks refreshed together; bounds the refresh's temporary memory (~1 GB at 16 blocks of 1024).
         precondition_chunk_blocks: blocks preconditioned together per step on the unfused path (five transient fp32
             matrices per block: ~1 GB at 48 blocks of 1024; fewer chunks, fewer host calls per step).
@@ -809,7 +810,7 @@ class Shampoo(torch.optim.Optimizer):
         fp32 matrix ``O + diag(a)`` (4-bit off-diagonals decoded into a transient workspace), ``Ĝ = L G R`` as two
         batched cuBLAS matmuls, and one copy per run into the directions, non-finite results zeroed. A
         fixed handful of torch calls per chunk: on an H100 host this path is bound by the host's time per call
-        (benchmarks/profile_steps.py), not by the GPU."""
+        (benchmarks/results/profile_steps.exploratory.md), not by the GPU."""
         device = batch.left.eigenvalues.device
         with matmul_precision(self.precision):
             for start, end in self._chunks(len(entries), self.precondition_chunk_blocks):
@@ -973,4 +974,5 @@ class Shampoo(torch.optim.Optimizer):
 
 __all__ = ["Shampoo", "stochastic_levels", "EIGENVECTOR_ROUNDINGS", "Block", "BlockBatch", "FactorSide",
            "matrix_shape", "partition", "matmul_precision", "bjorck", "rebuild_factor", "warm_start", "orthonormal_basis",
-           "rayleigh_sorted", "orthogonality_error", "inverse_fourth_root", "EIGENVECTOR_FORMAT", "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]
+           "rayleigh_sorted", "orthogonality_error", "inverse_fourth_root", "EIGENVECTOR_FORMAT",
+           "ORTHOGONALITY_TOLERANCE", "RANK_SHIFT", "GRAFTINGS"]

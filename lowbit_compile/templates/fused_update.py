@@ -694,9 +694,9 @@ def kernel_for(spec: str) -> FusedUpdateKernel:
 # Defined with the low-level ``torch.library.Library`` API, not ``torch.library.custom_op``: a custom_op runs
 # Python autograd, ADInplaceOrView and aliasing-check layers on every call, each converting the tensor lists between
 # Python and C++ and bumping version counters one tensor at a time. For a group of hundreds of tensors that host work
-# cost more than the kernel itself (benchmarks/profile_steps.py shows it). Here the dispatcher goes straight to
-# ``_fused_update`` (there is no autograd formula: an optimizer step runs under no_grad), which bumps every mutated
-# tensor's version counter in one call, so autograd still sees the in-place update.
+# cost more than the kernel itself (H100: benchmarks/results/profile_steps.exploratory.md, runs 2 and 3). Here the
+# dispatcher goes straight to ``_fused_update`` (there is no autograd formula: an optimizer step runs under no_grad),
+# which bumps every mutated tensor's version counter in one call, so autograd still sees the in-place update.
 _LIBRARY = torch.library.Library("lowbit", "FRAGMENT")
 _LIBRARY.define("fused_update_(Tensor(a!)[] mutated, Tensor[] inputs, Tensor[] scalars, str spec) -> ()")
 
