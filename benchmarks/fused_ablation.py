@@ -8,9 +8,12 @@ then launched directly (no torch.compile) on 16 x 4096^2 fp32 parameters, median
 warm-up (``step_time.time_calls``).
 Variants replace, in the generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
 ``nomid``: the 8-bit encoder's boundary lookup (the candidate code is kept); ``nogather``: both; ``trivenc``: the
-whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both. Stand-ins give wrong state values: the point
-is the time, against the same memory traffic (params, grads, codes and scales read and written as in the real kernel).
-Launch shapes are ``ELEMENTSxWARPSxTILES`` (tile elements, warps, tiles per program).
+whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both; ``analytic4`` (4-bit only, exact): the
+dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search. Stand-ins
+give wrong state values: the point is the time, against the same memory traffic (params, grads, codes and scales
+read and written as in the real kernel).
+Launch shapes are ``ELEMENTSxWARPSxTILES[xREGISTERS]`` (tile elements, warps, tiles per program, register cap;
+``fused_update.LaunchShape``).
 """
 from __future__ import annotations
 
@@ -48,6 +51,18 @@ def encode_without_boundary_lookup(x, scale, lower_ptr, BITS: tl.constexpr, MAP:
 
 
 @triton.jit
+def encode_analytic4(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
+    """The 4-bit dynamic map encoded like the 8-bit one (analytic candidate + one boundary lookup, exact too) instead
+    of the 4-step binary search of the midpoints (4 lookups per element); the linear map keeps its closed form."""
+    y = C._divide_rows(x, scale)
+    if MAP == C._LINEAR:
+        code = C._encode_linear(y, BITS)
+    else:
+        code = C._encode_dynamic(y, lower_ptr, BITS, SIGNED)
+    return code
+
+
+@triton.jit
 def encode_trivially(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
     y = C._divide_rows(x, scale)
     return tl.minimum(tl.maximum((y * 127.0 + 128.0).to(tl.int32), 0), 255)
@@ -61,8 +76,10 @@ _STAND_INS = {
                  ("codecs.encode(", "ablation.encode_without_boundary_lookup(")],
     "trivenc": [("codecs.encode(", "ablation.encode_trivially(")],
     "trivall": [("codecs.decode(", "ablation.decode_without_lookup("), ("codecs.encode(", "ablation.encode_trivially(")],
+    "analytic4": [("codecs.encode(", "ablation.encode_analytic4(")],
 }
 _EIGHT_BIT_ONLY = {"nomid", "nogather"}
+_FOUR_BIT_ONLY = {"analytic4"}
 
 
 def adamw_spec(bits: int, device: torch.device) -> str:
@@ -83,12 +100,12 @@ def adamw_spec(bits: int, device: torch.device) -> str:
     return fused[0].spec
 
 
-def time_variant(spec_text: str, variant: str, shape: tuple[int, int, int], device: torch.device,
+def time_variant(spec_text: str, variant: str, shape, device: torch.device,
                  numel: int, count: int) -> dict:
     from lowbit_compile import formats as F
     from lowbit_compile.templates import fused_update as FU
 
-    saved = (FU.render_source, FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM)
+    saved = (FU.render_source, dict(FU.GPU_LAUNCH_SHAPES))
     render = FU.render_source
 
     def patched(spec):
@@ -101,7 +118,7 @@ def time_variant(spec_text: str, variant: str, shape: tuple[int, int, int], devi
 
     try:
         FU.render_source = patched
-        FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM = shape
+        FU.GPU_LAUNCH_SHAPES.update({bits: shape for bits in FU.GPU_LAUNCH_SHAPES})
         spec = FU.KernelSpec.from_string(spec_text)
         kernel = FU.FusedUpdateKernel(spec)
         params = [torch.randn(numel, device=device) * 0.02 for _ in range(count)]
@@ -122,10 +139,12 @@ def time_variant(spec_text: str, variant: str, shape: tuple[int, int, int], devi
         ms = statistics.median(times)
         state = sum(t.numel() * t.element_size() for t in mutated[count:-1])
         moved = 12 * numel * count + 2 * state  # params read + written, grads read, state read + written
-        return dict(variant=variant, shape="x".join(map(str, shape)), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
+        return dict(variant=variant, shape=str(shape), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
                     moved_bytes_per_param=moved / (numel * count), gbs=moved / ms / 1e6)
     finally:
-        FU.render_source, FU.GPU_TILE_ELEMENTS, FU.GPU_NUM_WARPS, FU.GPU_TILES_PER_PROGRAM = saved
+        FU.render_source = saved[0]
+        FU.GPU_LAUNCH_SHAPES.clear()
+        FU.GPU_LAUNCH_SHAPES.update(saved[1])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -134,16 +153,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny tensors under the interpreter")
     parser.add_argument("--bits", default="8,4,32", help="comma-separated AdamW state widths")
     parser.add_argument("--variants", default=",".join(_STAND_INS))
-    parser.add_argument("--shapes", default="1024x4x1,1024x4x8", help="comma-separated ELEMENTSxWARPSxTILES")
+    parser.add_argument("--shapes", default="1024x4x1,1024x4x8", help="comma-separated ELEMENTSxWARPSxTILES[xREGISTERS]")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     numel, count = (1000, 2) if args.cpu_smoke else (4096 * 4096, 16)
-    shapes = [tuple(int(n) for n in item.split("x")) for item in args.shapes.split(",")]
+    from lowbit_compile.templates.fused_update import LaunchShape
+    shapes = [LaunchShape.parse(item) for item in args.shapes.split(",")]
     rows = []
     for bits in map(int, args.bits.split(",")):
         spec = adamw_spec(bits, device)
         for variant in args.variants.split(","):
-            if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)):
+            if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
+                                      or (variant in _FOUR_BIT_ONLY and bits != 4)):
                 continue  # nothing to replace, or a stand-in for a part this width does not have
             for shape in shapes:
                 row = dict(bits=bits, **time_variant(spec, variant, shape, device, numel, count))

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh tests step codecs      # parts, in the order given
 #
 # Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo,
-# efcp, ablation (benchmarks/fused_ablation.py), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
+# efcp, ablation (benchmarks/fused_ablation.py, ABLATION_ARGS), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
 # compiles per block order), profile (benchmarks/profile_steps.py, PROFILE_ARGS), ncu (Nsight Compute sections of
 # one launch of the fused update kernel in profile_steps' NCU_CASE).
 # Anchors travel as wheels in .whl/ (bitsandbytes, torchao; the machine has pytest and hypothesis);
@@ -47,7 +47,7 @@ for part in "$@"; do
         step) run step_time "${STEP_S:-330}" python3 benchmarks/step_time.py --out "$LOGS/results" ${STEP_ARGS:-} ;;
         codecs) run codecs "${CODECS_S:-120}" python3 benchmarks/codecs.py --out "$LOGS/results" ;;
         shampoo) run shampoo "${SHAMPOO_S:-300}" python3 benchmarks/shampoo.py --out "$LOGS/results" ;;
-        ablation) run fused_ablation "${ABLATION_S:-240}" python3 benchmarks/fused_ablation.py --out "$LOGS/results" ;;
+        ablation) run fused_ablation "${ABLATION_S:-240}" python3 benchmarks/fused_ablation.py --out "$LOGS/results" ${ABLATION_ARGS:-} ;;
         profile) run profile_steps "${PROFILE_S:-300}" python3 benchmarks/profile_steps.py ${PROFILE_ARGS:-} ;;
         ncu) run ncu "${NCU_S:-240}" /usr/local/cuda/bin/ncu --kernel-name regex:fused_update --launch-skip 3 \
                    --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \

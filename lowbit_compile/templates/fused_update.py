@@ -232,6 +232,7 @@ class TileShape:
     cols: int
     num_warps: int
     tiles_per_program: int = 1
+    max_registers: int | None = None  # ptxas register cap per thread (Triton's ``maxnreg``); None: ptxas decides
 
     @property
     def elements(self) -> int:
@@ -242,16 +243,40 @@ class TileShape:
         return self.elements * self.tiles_per_program
 
 
-# Elements per tile and warps on the GPU. Offline sm_90 compiles of the 8-bit AdamW kernel give (elements/warps:
-# registers, SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177. On the H100
-# (benchmarks/results/fused_ablation.exploratory.md, 8-bit AdamW) 1024/4 timed best, ahead of 512/4, 2048/8 and
-# 1024/8; it keeps one 256-element row per warp, so block maxima are warp reductions.
-GPU_TILE_ELEMENTS = 1024
-GPU_NUM_WARPS = 4
-# Tiles one program walks through in a loop: a program first chases the launch tables (tensor index, element count,
-# data pointers: dependent loads), which the tiles of one tensor then share. 8 tiles against 1: 7.71 against 9.83 ms
-# for 8-bit AdamW on 64 x 4096^2 fp32 params (benchmarks/results/step_time.md, tile sweep).
-GPU_TILES_PER_PROGRAM = 8
+@dataclasses.dataclass(frozen=True)
+class LaunchShape:
+    """How the fused kernel is launched on the GPU: elements per tile, warps, tiles one program walks through, and an
+    optional register cap. Written ``ELEMENTSxWARPSxTILES[xREGISTERS]`` by the benchmarks' sweeps (``parse``)."""
+
+    elements: int
+    warps: int
+    tiles: int
+    max_registers: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LaunchShape":
+        numbers = [int(n) for n in text.split("x")]
+        if len(numbers) not in (3, 4):
+            raise ValueError(f"launch shape: expected ELEMENTSxWARPSxTILES[xREGISTERS], got {text!r}")
+        return cls(*numbers)
+
+    def __str__(self) -> str:
+        return "x".join(str(n) for n in dataclasses.astuple(self) if n is not None)
+
+
+# GPU launch shape per narrowest state width of a spec (8, 4, or 32 when no state is quantized).
+# 8 bits, 1024 elements / 4 warps: offline sm_90 compiles of the 8-bit AdamW kernel give (elements/warps: registers,
+# SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177; on the H100
+# (benchmarks/results/fused_ablation.exploratory.md) 1024/4 timed best, ahead of 512/4, 2048/8 and 1024/8; it keeps
+# one 256-element row per warp, so block maxima are warp reductions.
+# 4 bits, 512 elements / 4 warps: the 4-bit AdamW kernel needs 128 registers per thread at 1024/4 (25% occupancy)
+# and 64 at 512/4 (one 128-element block per warp, 4 per thread, the layout of a 16-byte fp32 store, so the parameter
+# store needs no shared-memory shuffle); H100, 16 x 4096^2 fp32 params: 6.52 ms per 1G params at 512/4 against 8.37
+# at 1024/4 (benchmarks/results/fused_ablation.run1.exploratory.md, rows search4).
+# 8 tiles per program: a program first chases the launch tables (tensor index, element count, data pointers:
+# dependent loads), which the tiles of one tensor then share: 8 tiles against 1 took 7.71 against 9.83 ms for 8-bit
+# AdamW on 64 x 4096^2 fp32 params (benchmarks/results/step_time.md as of commit e9a5ec0, tile sweep).
+GPU_LAUNCH_SHAPES = {8: LaunchShape(1024, 4, 8), 4: LaunchShape(512, 4, 8), 32: LaunchShape(1024, 4, 8)}
 # The interpreter runs a program's lanes as numpy arrays: fewer, larger programs are faster.
 INTERPRETER_TILE_ELEMENTS = 4096
 INTERPRETER_TILES_PER_PROGRAM = 1
@@ -262,8 +287,10 @@ def tile_shape(spec: KernelSpec, device_type: str) -> TileShape:
     blocks are reshaped), rows fill the tile."""
     cols = max(spec.quantized_block_sizes, default=256)
     if device_type == "cuda":
-        return TileShape(max(1, GPU_TILE_ELEMENTS // cols), cols, GPU_NUM_WARPS, GPU_TILES_PER_PROGRAM)
-    return TileShape(max(1, INTERPRETER_TILE_ELEMENTS // cols), cols, GPU_NUM_WARPS, INTERPRETER_TILES_PER_PROGRAM)
+        bits = min((fmt.bits for fmt in map(role_format, spec.inputs + spec.mutated) if fmt is not None), default=32)
+        launch = GPU_LAUNCH_SHAPES[bits]
+        return TileShape(max(1, launch.elements // cols), cols, launch.warps, launch.tiles, launch.max_registers)
+    return TileShape(max(1, INTERPRETER_TILE_ELEMENTS // cols), cols, 4, INTERPRETER_TILES_PER_PROGRAM)
 
 
 def _referenced(name: str, text: str) -> bool:
@@ -592,10 +619,11 @@ class FusedUpdateKernel:
         if seed is not None:
             args.append(seed)
         shape = tile_shape(spec, device.type)
+        options = {} if shape.max_registers is None else {"maxnreg": shape.max_registers}
         with _quiet_interpreter(interpreting):
             self.kernel[(tables.program_tensor.numel(),)](*args, ROWS=shape.rows, COLS=shape.cols,
                                                        TILES=shape.tiles_per_program, ALIGNED=tables.aligned,
-                                                       num_warps=shape.num_warps)
+                                                       num_warps=shape.num_warps, **options)
         if seed is not None:
             seed.add_(1)
 
@@ -723,4 +751,4 @@ fused_update_ = torch.ops.lowbit.fused_update_
 
 
 __all__ = ["KernelSpec", "FusedUpdateKernel", "fused_update_", "kernel_for", "render_source", "tile_shape",
-           "dtype_name", "tl_dtype", "role_format"]
+           "LaunchShape", "GPU_LAUNCH_SHAPES", "dtype_name", "tl_dtype", "role_format"]
