@@ -1,6 +1,7 @@
 """Shampoo step time and state memory on one GPU, ours (4-bit and 32-bit) next to Distributed Shampoo and fused AdamW.
 
     python3 benchmarks/shampoo.py --out DIR            # on the H100: DIR/shampoo.{json,md,png}
+    python3 benchmarks/shampoo.py --cpu-smoke --out DIR  # one d=64 layer on the CPU: checks this script's logic
     python3 benchmarks/shampoo.py --plot DIR/shampoo.json   # redraw the PNG from a result file (no GPU needed)
 
 Workload: the 12-layer d=1024 stack of DESIGN.md §7 (per layer Wqkv 3072x1024, Wo 1024x1024, W1 4096x1024,
@@ -17,9 +18,12 @@ steps 101-130, amortized = (99 plain + refresh) / 100. State bytes: ours counted
 and the preconditioner alone); for every optimizer also the anchor script's measure, memory allocated after the
 steps minus parameters and gradients. Peak: max memory allocated, parameters and gradients included.
 
-Ours runs with its default per-step path (decode the 4-bit roots per chunk of blocks, cuBLAS TF32 batched matmuls).
-The fused Triton dequant-matmul (``fused=True``) is timed on its own on this workload's block batch (144 blocks of
-1024 x 1024), for its tile candidates, next to decode + cuBLAS for the same two products.
+Ours runs with its default per-step path (decode the 4-bit roots per chunk of blocks, cuBLAS TF32 batched matmuls),
+eagerly and, for 4 bits, also as ``torch.compile(opt.step, backend="lowbit")`` (the per-step work one inductor graph,
+each refresh chunk shape its own compiled region), timed the same way after the compiling steps (the first plain,
+refresh and root steps, reported as first_*_ms, include compilation). The fused Triton dequant-matmul
+(``fused=True``) is timed on its own on this workload's block batch (144 blocks of 1024 x 1024), for its tile
+candidates, next to decode + cuBLAS for the same two products.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -41,33 +46,41 @@ from benchmarks._common import cuda_event_ms, environment, grouped_bar_plot, mar
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 T1, T2 = 100, 500
+# The workload: the GPU run's, or (--cpu-smoke) one d=64 layer on the CPU with few timed steps.
+SETUP = {"device": "cuda", "width": 1024, "plain_steps": 30}
 
 
-def layer_shapes(layers: int) -> list[tuple[int, ...]]:
-    return [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (1024,), (1024,)] * layers
+def layer_shapes(layers: int, width: int | None = None) -> list[tuple[int, ...]]:
+    w = width or SETUP["width"]
+    return [(3 * w, w), (w, w), (4 * w, w), (w, 4 * w), (w,), (w,)] * layers
 
 
 def make_params(layers: int) -> list[torch.nn.Parameter]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen) * 0.02) for s in layer_shapes(layers)]
+    gen = torch.Generator(device=SETUP["device"]).manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, device=SETUP["device"], generator=gen) * 0.02)
+            for s in layer_shapes(layers)]
 
 
 def set_grads(params, seed: int) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=SETUP["device"]).manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-2
+        p.grad = torch.randn(p.shape, device=SETUP["device"], generator=gen) * 1e-2
 
 
 def timed(fn) -> float:
+    if SETUP["device"] != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize()
     return cuda_event_ms(fn)
 
 
-def timed_steps(opt, params, seeds) -> list[float]:
+def timed_steps(step, params, seeds) -> list[float]:
     times = []
     for seed in seeds:
         set_grads(params, seed)
-        times.append(timed(opt.step))
+        times.append(timed(step))
     return times
 
 
@@ -75,15 +88,20 @@ class Run:
     """Memory bookkeeping around one optimizer: parameters and gradients first, then the optimizer."""
 
     def __init__(self, layers: int):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        self.cuda = SETUP["device"] == "cuda"
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         self.params = make_params(layers)
         set_grads(self.params, 0)
-        torch.cuda.synchronize()
-        self.base = torch.cuda.memory_allocated()
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated() if self.cuda else 0
         self.numel = sum(p.numel() for p in self.params)
 
     def memory(self) -> dict:
+        if not self.cuda:
+            return {}
         torch.cuda.synchronize()
         return {"allocated_B_per_param": (torch.cuda.memory_allocated() - self.base) / self.numel,
                 "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
@@ -95,8 +113,8 @@ class Run:
 def bench_adamw(layers: int) -> dict:
     run = Run(layers)
     opt = torch.optim.AdamW(run.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
-    timed_steps(opt, run.params, range(1, 6))
-    times = timed_steps(opt, run.params, range(100, 130))
+    timed_steps(opt.step, run.params, range(1, 6))
+    times = timed_steps(opt.step, run.params, range(100, 100 + SETUP["plain_steps"]))
     plain = statistics.median(times)
     return {"name": "torch AdamW fused", "plain_ms": plain, "amortized_ms": plain, "mean_ms": statistics.mean(times),
             **run.memory(), "state_B_per_param": 8.0}
@@ -108,7 +126,7 @@ def bench_distributed_shampoo(layers: int) -> dict:
     opt = DistributedShampoo(run.params, lr=LR, betas=BETAS, epsilon=1e-12, weight_decay=0.0,
                              max_preconditioner_dim=1024, precondition_frequency=T1, start_preconditioning_step=T1,
                              grafting_config=AdamPreconditionerConfig(beta2=BETAS[1], epsilon=EPS))
-    times = timed_steps(opt, run.params, range(1, 131))
+    times = timed_steps(opt.step, run.params, range(1, 131))
     refresh_index = max(range(T1 - 5, T1 + 5), key=lambda i: times[i])  # step T1 (its counter's first refresh)
     refresh = times[refresh_index]
     plain = statistics.median(times[refresh_index + 1:])
@@ -117,43 +135,57 @@ def bench_distributed_shampoo(layers: int) -> dict:
             "first_steps_ms": statistics.median(times[5:T1 - 1]), **run.memory()}
 
 
-def bench_ours(layers: int, bits: int) -> dict:
+def bench_ours(layers: int, bits: int, compiled: bool = False) -> dict:
+    from torch._dynamo.utils import counters
+
     from lowbit_compile.optim.shampoo import Shampoo
     run = Run(layers)
-    opt = Shampoo(run.params, lr=LR, bits=bits, betas=BETAS, eps=EPS, max_preconditioner_dim=1024,
+    opt = Shampoo(run.params, lr=LR, bits=bits, betas=BETAS, eps=EPS, max_preconditioner_dim=SETUP["width"],
                   precondition_frequency=T1, inverse_root_frequency=T2, grafting="adamw")
-    # Compile everything once: plain steps, a statistics refresh, an inverse-root refresh.
-    timed_steps(opt, run.params, range(1, 4))
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
+    step = torch.compile(opt.step, backend="lowbit") if compiled else opt.step
+    # Compile everything once: plain steps, a statistics refresh, an inverse-root refresh (the step counter is Python
+    # state read outside the compiled graph, so setting it forces a refresh step).
+    first_steps = timed_steps(step, run.params, range(1, 4))
     opt._step = T1 - 1
-    first_refresh = timed_steps(opt, run.params, [4])[0]
+    first_refresh = timed_steps(step, run.params, [4])[0]
     opt._step = T2 - 1
-    first_root = timed_steps(opt, run.params, [5])[0]
+    first_root = timed_steps(step, run.params, [5])[0]
+    graphs_compiled = counters["stats"]["unique_graphs"] if compiled else None
     opt._step = 10 * T2
-    plain_times = timed_steps(opt, run.params, range(100, 130))
+    plain_times = timed_steps(step, run.params, range(100, 100 + SETUP["plain_steps"]))
     refresh_times, both_times = [], []
     for k in range(1, 4):
         opt._step = 10 * T2 + k * T1 - 1
-        refresh_times += timed_steps(opt, run.params, [200 + k])
+        refresh_times += timed_steps(step, run.params, [200 + k])
     for k in (20, 30):
         opt._step = k * T2 - 1
-        both_times += timed_steps(opt, run.params, [300 + k])
+        both_times += timed_steps(step, run.params, [300 + k])
     plain, refresh, both = (statistics.median(t) for t in (plain_times, refresh_times, both_times))
     per_window = T2 // T1
     amortized = ((T2 - per_window) * plain + (per_window - 1) * refresh + both) / T2
-
+    row = {"name": f"ours Shampoo {bits}-bit" + (" compiled (backend=lowbit)" if compiled else ""),
+           "plain_ms": plain, "refresh_ms": refresh, "refresh_and_root_ms": both, "amortized_ms": amortized,
+           "first_steps_ms": first_steps, "first_refresh_ms": first_refresh, "first_root_ms": first_root,
+           "plain_times_ms": plain_times, "refresh_times_ms": refresh_times, "both_times_ms": both_times,
+           "state_B_per_param": opt.state_bytes() / run.numel,
+           "preconditioner_B_per_param": opt.state_bytes(preconditioner_only=True) / run.numel,
+           "refresh_counts": opt.refresh_counts(), **run.memory()}
+    if compiled:
+        # Graphs after the compiling steps and at the end (equal: no recompilation), and the step's graph breaks
+        # (expected: only the un-traced _begin_step).
+        row.update(graphs_after_warmup=graphs_compiled, graphs_at_end=counters["stats"]["unique_graphs"],
+                   graph_breaks=sorted({reason.split("\n")[0][:120] for reason in counters["graph_break"]}))
+        return row
     # The preconditioning alone (both fused dequant-matmuls of every block, norms and grafting scale).
     grads = [p.grad for p in run.params]
     grads2d = [None if s is None else g.reshape(s) for g, s in zip(grads, opt._shapes2d)]
     precondition = statistics.median(timed(lambda: opt._directions(grads, grads2d)) for _ in range(10))
     flops = sum(2 * b.rows * b.cols * (b.rows + b.cols) for batch in opt.batches for b in batch.blocks)
-    counts = opt.refresh_counts()
-    return {"name": f"ours Shampoo {bits}-bit", "plain_ms": plain, "refresh_ms": refresh, "refresh_and_root_ms": both,
-            "amortized_ms": amortized, "first_refresh_ms": first_refresh, "first_root_ms": first_root,
-            "plain_times_ms": plain_times, "refresh_times_ms": refresh_times, "both_times_ms": both_times,
-            "precondition_ms": precondition, "precondition_tflops": flops / precondition / 1e9,
-            "state_B_per_param": opt.state_bytes() / run.numel,
-            "preconditioner_B_per_param": opt.state_bytes(preconditioner_only=True) / run.numel,
-            "refresh_counts": counts, **run.memory()}
+    row.update(precondition_ms=precondition, precondition_tflops=flops / precondition / 1e9)
+    return row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,11 +269,14 @@ COLUMNS = [("name", "optimizer", "s"), ("amortized_ms", "amortized ms/step", ".2
 
 def report(result: dict) -> str:
     env = result["environment"]
+    width = result.get("width", 1024)
     rows = [r for r in result["optimizers"] if "error" not in r]
     lines = [f"# Shampoo — {env.get('device')}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}; {env.get('date')}. {result['numel'] / 1e6:.1f}M "
-             f"fp32 parameters ({result['layers']} layers d=1024), max preconditioner dim 1024, AdamW grafting, "
-             f"T1 = {T1}, T2 = {T2}.", "", markdown_table(rows, COLUMNS), ""]
+             f"fp32 parameters ({result['layers']} layers d={width}), max preconditioner dim {width}, AdamW "
+             f"grafting, T1 = {T1}, T2 = {T2}." + (" CPU smoke run: timings check the script, not the code."
+                                                   if result.get("cpu_smoke") else ""),
+             "", markdown_table(rows, COLUMNS), ""]
     for r in result["optimizers"]:
         if "error" in r:
             lines.append(f"- {r['name']}: failed: {r['error']}")
@@ -254,6 +289,15 @@ def report(result: dict) -> str:
     if four and thirty_two:
         ratio = thirty_two["preconditioner_B_per_param"] / four["preconditioner_B_per_param"]
         lines.append(f"- preconditioner state 32-bit / 4-bit = {ratio:.2f}x.")
+    for r in rows:
+        if "graphs_at_end" in r:
+            first = ", ".join(f"{t:.0f}" for t in r["first_steps_ms"])
+            lines.append(f"- {r['name']}: first steps {first} ms, first refresh {r['first_refresh_ms']:.0f} ms, first "
+                         f"root {r['first_root_ms']:.0f} ms (compilation included); graphs compiled "
+                         f"{r['graphs_after_warmup']} after those steps, {r['graphs_at_end']} at the end; graph "
+                         f"breaks: {r['graph_breaks']}.")
+    if "tiles" not in result:
+        return "\n".join(lines)
     lines += ["", "## Fused dequant-matmul (fused=True) vs decode + cuBLAS, 144 blocks of 1024 x 1024", "",
               markdown_table(result["tiles"], [("kernel", "kernel", "s"), ("tiles", "BM,BN,BK,warps,stages", "s"),
                                                ("chosen", "chosen", "s"), ("ms", "ms", ".3f"),
@@ -276,25 +320,35 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--plot", help="redraw the PNG from this result JSON and exit")
     parser.add_argument("--only", help="run only optimizers whose name contains this")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="one d=64 layer on the CPU, few steps, no kernel sweep or Distributed Shampoo")
     args = parser.parse_args()
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
         plot(result, str(Path(args.plot).with_suffix(".png")))
         return
+    if args.cpu_smoke:
+        SETUP.update(device="cpu", width=64, plain_steps=3)
+        args.layers = 1
+    elif not torch.cuda.is_available():
+        parser.error("no CUDA device: run on the GPU machine, or pass --cpu-smoke")
     os.makedirs(args.out, exist_ok=True)
-    result = {"environment": environment(), "layers": args.layers,
-              "numel": sum(torch.Size(s).numel() for s in layer_shapes(args.layers))}
+    result = {"environment": environment(), "layers": args.layers, "width": SETUP["width"],
+              "cpu_smoke": args.cpu_smoke, "numel": sum(torch.Size(s).numel() for s in layer_shapes(args.layers))}
     print(json.dumps(result["environment"]), flush=True)
-    try:
-        result["tiles"] = sweep_tiles()
-    except Exception:
-        traceback.print_exc()
-        result["tiles"] = [{"kernel": "sweep", "error": traceback.format_exc(limit=3)[-300:]}]
-    print(json.dumps(result["tiles"]), flush=True)
+    if not args.cpu_smoke:
+        try:
+            result["tiles"] = sweep_tiles()
+        except Exception:
+            traceback.print_exc()
+            result["tiles"] = [{"kernel": "sweep", "error": traceback.format_exc(limit=3)[-300:]}]
+        print(json.dumps(result["tiles"]), flush=True)
     benches = [("torch AdamW fused", lambda: bench_adamw(args.layers)),
                ("ours Shampoo 4-bit", lambda: bench_ours(args.layers, 4)),
-               ("ours Shampoo 32-bit", lambda: bench_ours(args.layers, 32)),
-               ("Distributed Shampoo", lambda: bench_distributed_shampoo(args.layers))]
+               ("ours Shampoo 4-bit compiled (backend=lowbit)", lambda: bench_ours(args.layers, 4, compiled=True)),
+               ("ours Shampoo 32-bit", lambda: bench_ours(args.layers, 32))]
+    if not args.cpu_smoke:
+        benches.append(("Distributed Shampoo", lambda: bench_distributed_shampoo(args.layers)))
     result["optimizers"] = []
     for name, bench in benches:
         if args.only and args.only not in name:
@@ -306,7 +360,8 @@ def main() -> None:
             row = {"name": name, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         result["optimizers"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("times_ms")}), flush=True)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     out = Path(args.out)
     write_json(str(out / "shampoo.json"), result)
     (out / "shampoo.md").write_text(report(result))

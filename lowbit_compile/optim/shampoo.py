@@ -47,6 +47,18 @@ per refresh). Rejected blocks keep their previous basis and eigenvalues; a non-f
 root. A parameter whose gradient is not finite (or whose ``‖G‖`` overflows fp32) takes a zero direction: its
 first-order state decays as for a zero gradient, and it never becomes NaN. All selection is done with masks on the
 device; the only Python branches are on the step counter.
+
+**Under** ``torch.compile(opt.step, backend="lowbit")``. The step counter and the refreshes it makes due run outside
+the traced graph (``Shampoo._begin_step``, excluded from tracing: the step's one graph break), each refresh chunk as
+its own compiled region (``refresh_backend``, default inductor; QR, Cholesky and matmuls stay extern calls), compiled
+once per chunk shape. The rest of the step (products, grafting, the first-order rule) is one graph: with quantized
+first-order state the lowbit pass fuses each parameter's grafted update into its Triton kernel, with fp32 state it is
+torch's fused AdamW/SGD. Matmul precisions travel with the products (``lowbit::shampoo_matmul``), not as global flags;
+nothing in the per-step graph reads a value on the host. A compiled step runs the products unfused (decode +
+batched matmul) and Björck in torch even with ``fused=True``: the templates' pointer tables are raw addresses, which
+a traced graph cannot hold. With ``first_order_bits=8|4`` the hyperparameters are 0-d tensors filled from the param
+groups before each step, so LR schedules cause no recompilation; with ``first_order_bits=32`` torch's functional
+AdamW/SGD take them as Python floats (a changed value recompiles the per-step graph, as for torch.optim).
 """
 from __future__ import annotations
 
@@ -54,6 +66,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import types
 from typing import Callable
 
 import torch
@@ -61,7 +74,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.sgd import sgd as torch_sgd
 
 from .. import ops  # noqa: F401  (registers torch.ops.lowbit.dequant / requant_)
-from ..formats import Q4, Q8, Quantized, decode, encode, tables
+from ..formats import Q4, Q8, Quantized, count_below, decode, encode, pack, tables
 from . import rules
 from .core import evaluate_closure
 
@@ -69,6 +82,7 @@ GRAFTINGS = ("adamw", "sgd")
 EIGENVECTOR_ROUNDINGS = ("nearest", "stochastic")
 SHAMPOO_BITS = (4, 32)
 FIRST_ORDER_BITS = (32, 8, 4)
+HYPERPARAMETER_KEYS = ("lr", "eps", "weight_decay", "momentum", "beta1", "beta2")
 ORTHOGONALITY_TOLERANCE = 1e-3
 RANK_SHIFT = 1e-6
 EIGENVECTOR_FORMAT = Q4(map="linear2")
@@ -156,36 +170,73 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(previous)
 
 
+# The precision of a product is part of the product: a flag set around a traced region is read when Dynamo traces (a
+# graph break, ``torch.get_float32_matmul_precision`` returns a str) and baked into its guards, and one graph mixes
+# precisions (TF32 per-step products, exact fp32 QR and Rayleigh quotients). Setting the flags in the un-traced part
+# of the step would hold one precision for the whole per-step graph and need a second un-traced call to restore them
+# (another graph break). An opaque op that sets the precision around its own matmul carries it into any graph, eager
+# or compiled, without global state: inductor calls bmm as an extern kernel either way, so nothing is lost to fusion.
+# Defined with the low-level Library API, as ``lowbit::fused_update_`` is (templates/fused_update.py): a
+# torch.library.custom_op adds Python dispatch layers to every call, and an eager step makes a few per chunk on a
+# host that is already the bound (benchmarks/results/profile_steps.exploratory.md).
+_LIBRARY = torch.library.Library("lowbit", "FRAGMENT")
+_LIBRARY.define("shampoo_matmul(Tensor a, Tensor b, str precision) -> Tensor")
+
+
+def shampoo_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """``a @ b`` with fp32 products in TF32 (``"tf32"``) or exact fp32 (``"ieee"``), whatever the global setting."""
+    with matmul_precision(precision):
+        return torch.matmul(a, b)
+
+
+for _dispatch_key in ("CPU", "CUDA"):
+    _LIBRARY.impl("shampoo_matmul", shampoo_matmul, _dispatch_key)
+
+
+@torch.library.register_fake("lowbit::shampoo_matmul", lib=_LIBRARY)
+def _(a, b, precision):
+    return torch.matmul(a, b)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str | None) -> torch.Tensor:
+    """``a @ b`` in ``precision``; None: in the caller's (global) setting. Eager steps call the product directly."""
+    if precision is None:
+        return a @ b
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.shampoo_matmul(a, b, precision)
+    return shampoo_matmul(a, b, precision)
+
+
 def _use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def bjorck(v: torch.Tensor, steps: int, precision: str = "ieee", kernel: bool = False) -> torch.Tensor:
     """``steps`` Björck steps ``V <- 1.5 V - 0.5 V Vᵀ V`` on every matrix of an fp32 ``(batch, n, n)`` tensor: torch
-    matmuls in ``precision``, or with ``kernel`` (CUDA only) the Triton template ``bjorck_step``."""
-    if kernel and v.device.type == "cuda":
+    matmuls in ``precision``, or with ``kernel`` (CUDA only, eager only: the template launch is not traceable) the
+    Triton template ``bjorck_step``."""
+    if kernel and v.device.type == "cuda" and not torch.compiler.is_compiling():
         from ..templates.shampoo import bjorck_step
         for _ in range(steps):
             v = bjorck_step(v, precision)
         return v
-    with matmul_precision(precision):
-        for _ in range(steps):
-            v = 1.5 * v - 0.5 * (v @ v.mT) @ v
+    for _ in range(steps):
+        v = 1.5 * v - 0.5 * _matmul(_matmul(v, v.mT, precision), v, precision)
     return v
 
 
-def rebuild_factor(rows: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
+def rebuild_factor(rows: torch.Tensor, eigenvalues: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """``Vᵀ diag(λ) V`` for eigenvectors stored as the rows of ``V``."""
-    return (rows.mT * eigenvalues[:, None, :]) @ rows
+    return _matmul(rows.mT * eigenvalues[:, None, :], rows, precision)
 
 
-def warm_start(factor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def warm_start(factor: torch.Tensor, rows: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """``(A + δ ‖A‖_F I) Vᵀ``: one step of subspace iteration from the eigenvectors in the rows of V. The shift
     (δ = 1e-6, far below the inverse root's ridge) leaves the eigenvectors unchanged and keeps the result full rank, so
     the Cholesky-based QR never meets an exactly rank-deficient panel (a right factor GᵀG of a wide block, eigenvalues
     decayed to 0)."""
     shift = RANK_SHIFT * torch.linalg.matrix_norm(factor)
-    return factor @ rows.mT + shift[:, None, None] * rows.mT
+    return _matmul(factor, rows.mT, precision) + shift[:, None, None] * rows.mT
 
 
 def orthonormal_basis(y: torch.Tensor, panel: int = 128) -> torch.Tensor:
@@ -232,11 +283,12 @@ def orthogonality_error(q: torch.Tensor) -> torch.Tensor:
     return (q.mT @ q - eye).abs().amax(dim=(-2, -1))
 
 
-def inverse_fourth_root(rows: torch.Tensor, eigenvalues: torch.Tensor, epsilon: float) -> torch.Tensor:
+def inverse_fourth_root(rows: torch.Tensor, eigenvalues: torch.Tensor, epsilon: float,
+                        precision: str | None = None) -> torch.Tensor:
     """``Vᵀ diag((λ + ε λ_max)^-1/4) V`` (eigenvectors as the rows of V; ε relative to the largest eigenvalue)."""
     eigenvalues = eigenvalues.clamp_min(0)
     floor = epsilon * eigenvalues.amax(dim=-1, keepdim=True)
-    return rebuild_factor(rows, (eigenvalues + floor).pow(-0.25))
+    return rebuild_factor(rows, (eigenvalues + floor).pow(-0.25), precision)
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -246,50 +298,87 @@ def _all_finite(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Factor storage
 # --------------------------------------------------------------------------------------------------------------
-def _encode_rows(x: torch.Tensor, fmt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-bit codes and absmax of every row of ``(batch, rows, cols)`` fp32 matrices, rows padded to whole blocks."""
+# The traceable encoder below computes the block scale as the plain absmax, which is formats.block_scale for a format
+# whose lowest level is -1 (no stretching of negative extremes).
+assert EIGENVECTOR_FORMAT.lowest_level == -1.0
+
+
+def _encode_rows(x: torch.Tensor, fmt: Quantized, midpoints: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes and absmax of every row of ``(batch, rows, cols)`` fp32 matrices, rows padded to whole blocks: the
+    Triton codec on CUDA in eager mode, else ``formats.encode``'s arithmetic written so that Dynamo can trace it
+    (``midpoints``, the format's table on ``x``'s device, is then needed while tracing)."""
     from ..templates.shampoo import padded_row_length
     count, rows, cols = x.shape
     padded = padded_row_length(cols, fmt)
     full = torch.nn.functional.pad(x, (0, padded - cols))
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" and not torch.compiler.is_compiling():
         from ..templates.codecs import quantize_into
         codes = torch.empty(count, rows, padded // 2, dtype=torch.uint8, device=x.device)
         absmax = torch.empty(count, rows, padded // fmt.block, dtype=torch.float32, device=x.device)
         quantize_into(full, codes, absmax, fmt)
         return codes, absmax
-    codes, absmax = encode(full, fmt)
+    if midpoints is None:
+        midpoints = tables(fmt, x.device)[1]
+    blocks = full.reshape(-1, fmt.block).to(torch.float32)
+    absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1))
+    safe = torch.where(absmax > 0, absmax, 1.0)
+    normalised = torch.where(absmax[:, None] > 0, blocks / safe[:, None], 0.0)
+    codes = pack(count_below(normalised, midpoints, fmt.bits).to(torch.uint8).reshape(-1), fmt)
     return codes.view(count, rows, padded // 2), absmax.view(count, rows, padded // fmt.block)
 
 
-def _decode_rows(q) -> torch.Tensor:
-    """fp32 ``(batch, rows, cols)`` values of ``QuantizedRows``."""
-    count, rows = q.batch, q.rows
-    padded = q.codes.shape[2] * 2
-    if q.codes.device.type == "cuda":
+def _decode_codes(codes: torch.Tensor, absmax: torch.Tensor, fmt: Quantized, cols: int,
+                  codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``(batch, rows, cols)`` values of row-padded 4-bit codes (``codebook`` as ``midpoints`` of
+    ``_encode_rows``)."""
+    count, rows, padded = codes.shape[0], codes.shape[1], codes.shape[2] * 2
+    if codes.device.type == "cuda" and not torch.compiler.is_compiling():
         from ..templates.codecs import dequantize_into
-        full = torch.empty(count, rows, padded, dtype=torch.float32, device=q.codes.device)
-        dequantize_into(q.codes, q.absmax, q.fmt, full)
+        full = torch.empty(count, rows, padded, dtype=torch.float32, device=codes.device)
+        dequantize_into(codes, absmax, fmt, full)
     else:
-        full = decode(q.codes.reshape(-1), q.absmax.reshape(-1), q.fmt, count * rows * padded).view(count, rows, padded)
-    return full[..., :q.cols]
+        if codebook is None:
+            codebook = tables(fmt, codes.device)[0]
+        full = decode(codes.reshape(-1), absmax.reshape(-1), fmt, count * rows * padded, codebook)
+        full = full.view(count, rows, padded)
+    return full[..., :cols]
 
 
-def stochastic_levels(x: torch.Tensor, fmt: Quantized, generator: torch.Generator) -> torch.Tensor:
+def _decode_rows(q, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``(batch, rows, cols)`` values of ``QuantizedRows``."""
+    return _decode_codes(q.codes, q.absmax, q.fmt, q.cols, codebook)
+
+
+def _rounding_noise(x_shape, fmt: Quantized, generator: torch.Generator) -> torch.Tensor:
+    """The uniform draws ``stochastic_levels`` uses for matrices of ``x_shape``."""
+    from ..templates.shampoo import padded_row_length
+    count, rows, cols = x_shape
+    width = padded_row_length(cols, fmt)
+    return torch.rand((count, rows, width // fmt.block, fmt.block), generator=generator, device=generator.device)
+
+
+def stochastic_levels(x: torch.Tensor, fmt: Quantized, generator: torch.Generator | None = None, *,
+                      noise: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (``(batch, rows, cols)`` fp32, rows in 64-blocks as stored) with every entry moved to one of the two levels
     of ``fmt`` (times its block's absmax) that bracket it, the upper one with probability proportional to the distance
     from the lower: an unbiased rounding (the block's absmax entry stays exact, so ``_encode_rows`` of the result gives
-    the chosen codes). Device-agnostic torch ops; ``generator`` on ``x``'s device."""
+    the chosen codes). Device-agnostic torch ops; the uniform draws come from ``generator`` (on ``x``'s device) or,
+    inside a compiled region, as ``noise`` (``_rounding_noise``), with ``levels`` the format's codebook on ``x``'s
+    device."""
     from ..templates.shampoo import padded_row_length
     count, rows, cols = x.shape
     width = padded_row_length(cols, fmt)
     blocks = torch.nn.functional.pad(x, (0, width - cols)).view(count, rows, width // fmt.block, fmt.block)
     scale = blocks.abs().amax(-1, keepdim=True)
     y = (blocks / torch.where(scale > 0, scale, 1.0)).clamp(-1.0, 1.0)
-    levels = tables(fmt, x.device)[0]
+    if levels is None:
+        levels = tables(fmt, x.device)[0]
+    if noise is None:
+        noise = _rounding_noise(x.shape, fmt, generator)
     upper = torch.searchsorted(levels, y.contiguous()).clamp(1, levels.numel() - 1)
     low, high = levels[upper - 1], levels[upper]
-    take_high = torch.rand(y.shape, generator=generator, device=x.device) * (high - low) < (y - low)
+    take_high = noise * (high - low) < (y - low)
     rounded = torch.where(take_high, high, low) * scale
     return rounded.view(count, rows, width)[..., :cols]
 
@@ -315,6 +404,8 @@ class FactorSide:
         self.eigenvalues = torch.full((count, order), float(epsilon), dtype=torch.float32, device=device)
         self.root_diagonal = torch.ones(count, order, dtype=torch.float32, device=device)
         self.ema = zeros.clone() if ema else None
+        # The format's tables as tensors of this side: traced code reads them instead of the formats' cache.
+        self.codebook, self.midpoints = tables(EIGENVECTOR_FORMAT, device)
 
     def blocks(self, start: int, end: int) -> "FactorSide":
         """The factors of blocks ``start:end``, sharing this side's storage (stores write through)."""
@@ -325,6 +416,7 @@ class FactorSide:
         from ..templates.shampoo import QuantizedRows
         part = object.__new__(FactorSide)
         part.order, part.fmt = self.order, self.fmt
+        part.codebook, part.midpoints = self.codebook, self.midpoints
         for name in ("eigenvectors", "root_offdiagonal"):
             stored = getattr(self, name)
             if isinstance(stored, torch.Tensor):
@@ -338,11 +430,16 @@ class FactorSide:
         part.count = part.eigenvalues.shape[0]
         return part
 
-    def root_matrices(self) -> torch.Tensor:
-        """The inverse roots ``O + diag(a)`` as fp32 matrices (a new tensor)."""
+    def root_matrices(self, select: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+        """The inverse roots ``O + diag(a)`` of the factors ``select`` picks (see ``selected``) as fp32 matrices (a
+        new tensor). Creates no objects, so Dynamo traces it."""
         stored = self.root_offdiagonal
-        matrices = stored.clone() if isinstance(stored, torch.Tensor) else _decode_rows(stored)
-        matrices.diagonal(dim1=-2, dim2=-1).add_(self.root_diagonal)
+        if isinstance(stored, torch.Tensor):
+            matrices = select(stored).clone()
+        else:
+            matrices = _decode_codes(select(stored.codes), select(stored.absmax), stored.fmt, stored.cols,
+                                     self.codebook)
+        matrices.diagonal(dim1=-2, dim2=-1).add_(select(self.root_diagonal))
         return matrices
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -363,28 +460,27 @@ class FactorSide:
         return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name != "factor_ema")
 
     @staticmethod
-    def _matrices(stored) -> torch.Tensor:
-        return stored if isinstance(stored, torch.Tensor) else _decode_rows(stored)
+    def _matrices(stored, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        return stored if isinstance(stored, torch.Tensor) else _decode_rows(stored, codebook)
 
     def eigenvector_rows(self) -> torch.Tensor:
-        return self._matrices(self.eigenvectors).contiguous()
+        return self._matrices(self.eigenvectors, self.codebook).contiguous()
 
-    @staticmethod
-    def _store(stored, values: torch.Tensor, ok: torch.Tensor) -> None:
+    def _store(self, stored, values: torch.Tensor, ok: torch.Tensor) -> None:
         keep = ok[:, None, None]
         if isinstance(stored, torch.Tensor):
             stored.copy_(torch.where(keep, values, stored))
             return
-        codes, absmax = _encode_rows(values, stored.fmt)
+        codes, absmax = _encode_rows(values, stored.fmt, self.midpoints)
         stored.codes.copy_(torch.where(keep, codes, stored.codes))
         stored.absmax.copy_(torch.where(keep, absmax, stored.absmax))
 
     def store_eigenbasis(self, rows: torch.Tensor, eigenvalues: torch.Tensor, ok: torch.Tensor,
-                         generator: torch.Generator | None = None) -> None:
-        """Keep the blocks ``ok`` selects; with ``generator``, 4-bit rows are rounded stochastically
-        (``stochastic_levels``) instead of to the nearest level."""
-        if generator is not None and self.fmt is not None:
-            rows = stochastic_levels(rows, self.fmt, generator)
+                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> None:
+        """Keep the blocks ``ok`` selects; with ``generator`` (or its draws, ``noise``), 4-bit rows are rounded
+        stochastically (``stochastic_levels``) instead of to the nearest level."""
+        if (generator is not None or noise is not None) and self.fmt is not None:
+            rows = stochastic_levels(rows, self.fmt, generator, noise=noise, levels=self.codebook)
         self._store(self.eigenvectors, rows, ok)
         self.eigenvalues.copy_(torch.where(ok[:, None], eigenvalues, self.eigenvalues))
 
@@ -423,6 +519,125 @@ class BlockBatch:
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, build())
         return self._tables[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Refresh regions: one chunk of one block batch, pure functions of tensors (eager, or each its own compiled region)
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RefreshConfig:
+    """The constants of a refresh (read from the optimizer at every refresh, so changed attributes take effect)."""
+
+    beta: float
+    ema_decay: float  # beta ** precondition_frequency: the decay of the old factor with ema_every_step
+    epsilon: float
+    statistics_bjorck_steps: int
+    root_bjorck_steps: int
+    precision: str  # refresh_precision
+    qr_panel: int
+    max_fallbacks: int
+    eigh_fallback: bool
+    kernel: bool  # Björck by the Triton template (fused=True; eager CUDA only)
+
+
+def _finite_gradients(g: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gradient blocks with the non-finite ones (and those of parameters without a gradient) zeroed, and the
+    mask of the blocks kept."""
+    g = g.to(torch.float32)
+    ok = _all_finite(g) & present
+    return torch.where(ok[:, None, None], g, 0.0), ok
+
+
+def accumulate_chunk(cfg: RefreshConfig, left: FactorSide, right: FactorSide, g: torch.Tensor,
+                     present: torch.Tensor) -> None:
+    """``S = β S + (1-β) M`` for both factors of a chunk (``ema_every_step``); products in the caller's precision."""
+    g, _ = _finite_gradients(g, present)
+    left.ema.baddbmm_(g, g.mT, beta=cfg.beta, alpha=1 - cfg.beta)
+    right.ema.baddbmm_(g.mT, g, beta=cfg.beta, alpha=1 - cfg.beta)
+
+
+def statistics_chunk(cfg: RefreshConfig, left: FactorSide, right: FactorSide, g: torch.Tensor | None,
+                     present: torch.Tensor | None, noise: tuple, counters: dict) -> None:
+    """The statistics refresh of both factors of a chunk, from that step's gradient blocks ``g`` or (``g`` None)
+    from the accumulated statistics; ``noise`` holds each side's stochastic-rounding draws or None."""
+    if g is None:
+        for side, draws in zip((left, right), noise):
+            _refresh_side(cfg, side, side.ema, cfg.ema_decay, None, draws, counters)
+            side.ema.zero_()
+        return
+    g, ok = _finite_gradients(g, present)
+    left_update = (1 - cfg.beta) * _matmul(g, g.mT, cfg.precision)
+    right_update = (1 - cfg.beta) * _matmul(g.mT, g, cfg.precision)
+    _refresh_side(cfg, left, left_update, cfg.beta, ok, noise[0], counters)
+    _refresh_side(cfg, right, right_update, cfg.beta, ok, noise[1], counters)
+
+
+def _refresh_side(cfg: RefreshConfig, side: FactorSide, update: torch.Tensor, decay: float,
+                  usable: torch.Tensor | None, noise: torch.Tensor | None, counters: dict) -> None:
+    rows = bjorck(side.eigenvector_rows(), cfg.statistics_bjorck_steps, cfg.precision, cfg.kernel)
+    factor = decay * rebuild_factor(rows, side.eigenvalues, cfg.precision) + update
+    factor = 0.5 * (factor + factor.mT)
+    warm = warm_start(factor, rows, cfg.precision)
+    q, eigenvalues = rayleigh_sorted(factor, orthonormal_basis(warm, cfg.qr_panel))
+    error = orthogonality_error(q)
+    ok = _all_finite(q) & torch.isfinite(eigenvalues).all(dim=1) & (error <= ORTHOGONALITY_TOLERANCE)
+    q, eigenvalues, ok = _fall_back(cfg, factor, rows, q, eigenvalues, ok, error, counters)
+    if usable is not None:
+        ok = ok & usable
+    counters["rejected_blocks"] += (~ok).sum()
+    side.store_eigenbasis(q.mT, eigenvalues, ok, noise=noise)
+
+
+def _fall_back(cfg: RefreshConfig, factor, rows, q, eigenvalues, ok, error, counters):
+    """Recompute the ``max_fallbacks`` worst blocks of the chunk in fp64 (and by eigh if enabled); blocks that
+    pass replace rejected ones. Static shapes, no host sync (except inside eigh)."""
+    count = min(cfg.max_fallbacks, q.shape[0])
+    if count == 0:
+        return q, eigenvalues, ok
+    badness = torch.where(ok, -1.0, torch.nan_to_num(error, nan=math.inf))
+    index = badness.topk(count).indices
+    a = factor[index].double()
+    y = warm_start(a, rows[index].double())
+    finite = _all_finite(a) & _all_finite(y)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    a = torch.where(finite[:, None, None], a, eye)
+    y = torch.where(finite[:, None, None], y, eye)
+    candidate, candidate_values = rayleigh_sorted(a, orthonormal_basis(y, cfg.qr_panel))
+    candidate_ok = finite & _all_finite(candidate) & (orthogonality_error(candidate) <= ORTHOGONALITY_TOLERANCE)
+    if cfg.eigh_fallback:
+        values, vectors = torch.linalg.eigh(a)
+        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+        use_eigh = ~candidate_ok & finite & _all_finite(vectors)
+        candidate = torch.where(use_eigh[:, None, None], vectors, candidate)
+        candidate_values = torch.where(use_eigh[:, None], values, candidate_values)
+        candidate_ok = candidate_ok | use_eigh
+    take = ~ok[index] & candidate_ok
+    q = q.index_copy(0, index, torch.where(take[:, None, None], candidate.to(q.dtype), q[index]))
+    eigenvalues = eigenvalues.index_copy(
+        0, index, torch.where(take[:, None], candidate_values.to(eigenvalues.dtype), eigenvalues[index]))
+    ok = ok.index_copy(0, index, ok[index] | take)
+    counters["fallback_blocks"] += take.sum()
+    return q, eigenvalues, ok
+
+
+def roots_chunk(cfg: RefreshConfig, left: FactorSide, right: FactorSide, counters: dict) -> None:
+    """The inverse-root refresh of both factors of a chunk; a non-finite root keeps the previous one."""
+    for side in (left, right):
+        rows = bjorck(side.eigenvector_rows(), cfg.root_bjorck_steps, cfg.precision, cfg.kernel)
+        root = inverse_fourth_root(rows, side.eigenvalues, cfg.epsilon, cfg.precision)
+        ok = _all_finite(root)
+        counters["rejected_roots"] += (~ok).sum()
+        side.store_root(root, ok)
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` under its own code object. Dynamo keeps compiled variants per code object and recompiles when
+    one is called with new shapes (``recompile_limit`` of them, then it runs eagerly): one copy per chunk shape makes
+    each chunk shape a first compilation of its own."""
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -472,6 +687,10 @@ class Shampoo(torch.optim.Optimizer):
             blocks of 1024 x 1024, against 2.20 ms for both when decoding to a transient fp32 workspace and
             multiplying with cuBLAS in TF32.
     """
+
+    # The torch.compile backend of the refresh regions of a compiled step ("aot_eager" compiles in a fraction of the
+    # time, for debugging and CPU tests).
+    refresh_backend = "inductor"
 
     def __init__(self, params, lr: float = 1e-3, *, bits: int = 4, max_preconditioner_dim: int = 1024,
                  precondition_frequency: int = 100, inverse_root_frequency: int = 500, beta: float = 0.95,
@@ -541,6 +760,14 @@ class Shampoo(torch.optim.Optimizer):
             self.state[param] = self._initial_state(index, param)
         self.counters = {name: torch.zeros((), dtype=torch.int64, device=self._device)
                          for name in ("rejected_blocks", "fallback_blocks", "rejected_roots")}
+        index_of = {id(p): i for i, p in enumerate(self._params)}
+        self._members = [[index_of[id(p)] for p in group["params"]] for group in self.param_groups]
+        self._hyperparameters = [{key: torch.zeros((), dtype=torch.float32, device=self._device)
+                                  for key in HYPERPARAMETER_KEYS} for _ in self.param_groups]
+        self._settings: list[dict] = [{} for _ in self.param_groups]
+        self._compiled_regions: dict[tuple, Callable] = {}
+        self._compile_regions = False
+        self._present_masks: dict[tuple, torch.Tensor] = {}
         self._initialised = True
 
     # ------------------------------------------------------------------ set-up
@@ -606,50 +833,109 @@ class Shampoo(torch.optim.Optimizer):
         return state
 
     # ------------------------------------------------------------------ step
+    # Under ``torch.compile(opt.step)`` the step is two parts. ``_begin_step`` is excluded from tracing: it checks the
+    # gradients, advances the Python step counter and runs the refreshes that are due (a traced counter would be a
+    # guarded constant, one recompilation per step; a traced ``step % T`` a different graph on refresh steps). When the
+    # step is being compiled, each refresh chunk runs as its own compiled region (``_region``), created on first use.
+    # ``_update`` is the per-step work, traced as one graph: products, grafting, the first-order rule (which the
+    # lowbit pass fuses with quantized first-order state). Called eagerly, both parts run eagerly: the reference.
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = evaluate_closure(closure)
-        grads = [p.grad for p in self._params]
+        self._begin_step(torch.compiler.is_compiling())
+        self._update()
+        return loss
+
+    def _gradients(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self._params]
+
+    def _gradients2d(self, grads) -> list[torch.Tensor | None]:
+        return [None if g is None or shape is None else g.reshape(shape) for g, shape in zip(grads, self._shapes2d)]
+
+    @torch.compiler.disable
+    def _begin_step(self, compiling: bool) -> None:
+        grads = self._gradients()
         for i, g in enumerate(grads):
             if g is not None and (g.is_sparse or g.shape != self._params[i].shape):
                 raise ValueError(f"Shampoo: parameter {i} has a sparse gradient or one of shape "
                                  f"{tuple(g.shape)} != {tuple(self._params[i].shape)}")
         if all(g is None for g in grads):
-            return loss
+            return
         self._step += 1
-        grads2d = [None if g is None or shape is None else g.reshape(shape)
-                   for g, shape in zip(grads, self._shapes2d)]
+        self._compile_regions = compiling
+        self._read_groups()
+        grads2d = self._gradients2d(grads)
         if self.ema_every_step:
             self._accumulate_statistics(grads2d)
         if self._step % self.precondition_frequency == 0:
             self._refresh_statistics(grads2d)
         if self._step % self.inverse_root_frequency == 0:
             self._refresh_roots()
-        directions = self._directions(grads, grads2d)
+
+    def _update(self) -> None:
+        grads = self._gradients()
+        if all(g is None for g in grads):
+            return
+        directions = self._directions(grads, self._gradients2d(grads))
         self._first_order_step(directions)
-        return loss
+
+    def _region(self, fn: Callable, kind: str, batch: "BlockBatch", count: int) -> Callable:
+        """``fn`` for a chunk of ``count`` blocks of ``batch``: itself in an eager step; in a compiled step its own
+        compiled region per chunk shape (inductor: the elementwise work around the matmuls and factorisations, which
+        stay extern calls, is fused), kept for the optimizer's lifetime."""
+        if not self._compile_regions:
+            return fn
+        key = (kind, batch.key, count)
+        region = self._compiled_regions.get(key)
+        if region is None:
+            region = torch.compile(_own_code(fn, f"shampoo_{kind}_{batch.key}_x{count}"), fullgraph=True,
+                                   dynamic=False, backend=self.refresh_backend)
+            self._compiled_regions[key] = region
+        return region
+
+    def _refresh_config(self) -> RefreshConfig:
+        return RefreshConfig(beta=self.beta, ema_decay=self.beta ** self.precondition_frequency,
+                             epsilon=self.epsilon, statistics_bjorck_steps=self.statistics_bjorck_steps,
+                             root_bjorck_steps=self.root_bjorck_steps, precision=self.refresh_precision,
+                             qr_panel=self.qr_panel, max_fallbacks=self.max_fallbacks,
+                             eigh_fallback=self.eigh_fallback, kernel=self.fused)
+
+    def _read_groups(self) -> None:
+        """Copy the groups' first-order settings into plain dicts the per-step graph reads (Dynamo guards every value
+        of a param group the traced code touches, as for torch.optim) and the changed hyperparameters into the 0-d
+        tensors the quantized first-order rule reads (an LR schedule then changes tensor values, not constants of
+        the compiled graph). Dicts are updated in place, only where a value changed."""
+        for group, settings, held in zip(self.param_groups, self._settings, self._hyperparameters):
+            values = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                          weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"])
+            for key, value in values.items():
+                if settings.get(key) == value:
+                    continue
+                settings[key] = value
+                if key in held and self.first_order_bits != 32:
+                    held[key].fill_(float(value))
 
     # ------------------------------------------------------------------ statistics
-    @staticmethod
-    def _stacked_blocks(blocks: list[Block], grads2d, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``(count, rows, cols)`` gradient blocks (zeros where there is no gradient or it is not finite) and the
-        mask of blocks with a finite gradient."""
-        stacked, present = [], []
-        for block in blocks:
-            grad = grads2d[block.param]
-            present.append(grad is not None)
-            stacked.append(torch.zeros(block.rows, block.cols, device=device) if grad is None else block.of(grad))
-        stacked = torch.stack(stacked).to(torch.float32)
-        ok = _all_finite(stacked) & torch.tensor(present).to(device, non_blocking=True)
-        return torch.where(ok[:, None, None], stacked, 0.0), ok
+    def _gradient_blocks(self, blocks: list[Block], grads2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's gradient blocks stacked (zeros where a parameter has no gradient) and the mask of blocks with
+        a gradient (made once per pattern: no host-to-device copy per refresh)."""
+        present = tuple(grads2d[block.param] is not None for block in blocks)
+        stacked = torch.stack([block.of(grads2d[block.param]) if here else
+                               torch.zeros(block.rows, block.cols, device=self._device)
+                               for block, here in zip(blocks, present)])
+        mask = self._present_masks.get(present)
+        if mask is None:
+            mask = self._present_masks[present] = torch.tensor(present).to(self._device)
+        return stacked, mask
 
     def _accumulate_statistics(self, grads2d) -> None:
+        cfg = self._refresh_config()
         with matmul_precision("ieee"):
             for batch in self.batches:
                 for start, end in self._chunks(len(batch.blocks)):
-                    g, _ = self._stacked_blocks(batch.blocks[start:end], grads2d, self._device)
-                    batch.left.ema[start:end].baddbmm_(g, g.mT, beta=self.beta, alpha=1 - self.beta)
-                    batch.right.ema[start:end].baddbmm_(g.mT, g, beta=self.beta, alpha=1 - self.beta)
+                    g, present = self._gradient_blocks(batch.blocks[start:end], grads2d)
+                    region = self._region(accumulate_chunk, "accumulate", batch, end - start)
+                    region(cfg, batch.left.blocks(start, end), batch.right.blocks(start, end), g, present)
 
     def _chunks(self, count: int, size: int | None = None):
         """Ranges of at most ``size`` blocks (default ``chunk_blocks``: a refresh holds ~10 fp32 matrices per block
@@ -667,83 +953,29 @@ class Shampoo(torch.optim.Optimizer):
         return generator
 
     def _refresh_statistics(self, grads2d) -> None:
-        generator = self._rounding_generator()
+        """Products the QR, Rayleigh quotients and orthogonality test take in exact fp32 (the caller's precision
+        inside the regions); Björck, the rebuilt factor, the new statistics and the warm start in
+        ``refresh_precision`` (carried by their ops)."""
+        generator, cfg = self._rounding_generator(), self._refresh_config()
         with matmul_precision("ieee"):
             for batch in self.batches:
                 for start, end in self._chunks(len(batch.blocks)):
                     left, right = batch.left.blocks(start, end), batch.right.blocks(start, end)
-                    if self.ema_every_step:
-                        decay = self.beta ** self.precondition_frequency
-                        usable = torch.ones(end - start, dtype=torch.bool, device=self._device)
-                        for side in (left, right):
-                            self._refresh_side(side, side.ema, decay, usable, generator)
-                            side.ema.zero_()
-                    else:
-                        g, ok = self._stacked_blocks(batch.blocks[start:end], grads2d, self._device)
-                        with matmul_precision(self.refresh_precision):
-                            left_update, right_update = (1 - self.beta) * (g @ g.mT), (1 - self.beta) * (g.mT @ g)
-                        del g
-                        self._refresh_side(left, left_update, self.beta, ok, generator)
-                        self._refresh_side(right, right_update, self.beta, ok, generator)
-
-    def _refresh_side(self, side: FactorSide, update: torch.Tensor, decay: float, usable: torch.Tensor,
-                      generator: torch.Generator | None = None) -> None:
-        rows = bjorck(side.eigenvector_rows(), self.statistics_bjorck_steps, self.refresh_precision, self.fused)
-        with matmul_precision(self.refresh_precision):
-            factor = decay * rebuild_factor(rows, side.eigenvalues) + update
-            factor = 0.5 * (factor + factor.mT)
-            warm = warm_start(factor, rows)
-        q, eigenvalues = rayleigh_sorted(factor, orthonormal_basis(warm, self.qr_panel))
-        error = orthogonality_error(q)
-        ok = _all_finite(q) & torch.isfinite(eigenvalues).all(dim=1) & (error <= ORTHOGONALITY_TOLERANCE)
-        q, eigenvalues, ok = self._fall_back(factor, rows, q, eigenvalues, ok, error)
-        ok = ok & usable
-        self.counters["rejected_blocks"] += (~ok).sum()
-        side.store_eigenbasis(q.mT, eigenvalues, ok, generator)
-
-    def _fall_back(self, factor, rows, q, eigenvalues, ok, error):
-        """Recompute the ``max_fallbacks`` worst blocks of the chunk in fp64 (and by eigh if enabled); blocks that
-        pass replace rejected ones. Static shapes, no host sync (except inside eigh)."""
-        count = min(self.max_fallbacks, q.shape[0])
-        if count == 0:
-            return q, eigenvalues, ok
-        badness = torch.where(ok, -1.0, torch.nan_to_num(error, nan=math.inf))
-        index = badness.topk(count).indices
-        a = factor[index].double()
-        y = warm_start(a, rows[index].double())
-        finite = _all_finite(a) & _all_finite(y)
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        a = torch.where(finite[:, None, None], a, eye)
-        y = torch.where(finite[:, None, None], y, eye)
-        candidate, candidate_values = rayleigh_sorted(a, orthonormal_basis(y, self.qr_panel))
-        candidate_ok = finite & _all_finite(candidate) & (orthogonality_error(candidate) <= ORTHOGONALITY_TOLERANCE)
-        if self.eigh_fallback:
-            values, vectors = torch.linalg.eigh(a)
-            values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
-            use_eigh = ~candidate_ok & finite & _all_finite(vectors)
-            candidate = torch.where(use_eigh[:, None, None], vectors, candidate)
-            candidate_values = torch.where(use_eigh[:, None], values, candidate_values)
-            candidate_ok = candidate_ok | use_eigh
-        take = ~ok[index] & candidate_ok
-        q = q.index_copy(0, index, torch.where(take[:, None, None], candidate.to(q.dtype), q[index]))
-        eigenvalues = eigenvalues.index_copy(
-            0, index, torch.where(take[:, None], candidate_values.to(eigenvalues.dtype), eigenvalues[index]))
-        ok = ok.index_copy(0, index, ok[index] | take)
-        self.counters["fallback_blocks"] += take.sum()
-        return q, eigenvalues, ok
+                    noise = tuple(None if generator is None or side.fmt is None else
+                                  _rounding_noise((end - start, side.order, side.order), side.fmt, generator)
+                                  for side in (left, right))
+                    g, present = (None, None) if self.ema_every_step else self._gradient_blocks(
+                        batch.blocks[start:end], grads2d)
+                    region = self._region(statistics_chunk, "statistics", batch, end - start)
+                    region(cfg, left, right, g, present, noise, self.counters)
 
     def _refresh_roots(self) -> None:
+        cfg = self._refresh_config()
         with matmul_precision("ieee"):
             for batch in self.batches:
                 for start, end in self._chunks(len(batch.blocks)):
-                    for side in (batch.left.blocks(start, end), batch.right.blocks(start, end)):
-                        rows = bjorck(side.eigenvector_rows(), self.root_bjorck_steps, self.refresh_precision,
-                                      self.fused)
-                        with matmul_precision(self.refresh_precision):
-                            root = inverse_fourth_root(rows, side.eigenvalues, self.epsilon)
-                        ok = _all_finite(root)
-                        self.counters["rejected_roots"] += (~ok).sum()
-                        side.store_root(root, ok)
+                    region = self._region(roots_chunk, "roots", batch, end - start)
+                    region(cfg, batch.left.blocks(start, end), batch.right.blocks(start, end), self.counters)
 
     # ------------------------------------------------------------------ preconditioning and grafting
     def _directions(self, grads, grads2d) -> list[torch.Tensor | None]:
@@ -778,7 +1010,9 @@ class Shampoo(torch.optim.Optimizer):
         if not entries:
             return
         device = batch.left.eigenvalues.device
-        if not (self.fused and _use_triton(device)):
+        # The templates address gradients and directions through pointer tables of raw addresses, which a traced
+        # graph cannot hold: a compiled step takes the decode + batched-matmul path.
+        if not (self.fused and _use_triton(device)) or torch.compiler.is_compiling():
             self._precondition_torch(batch, entries, grads2d, directions)
             return
         from ..templates.shampoo import batch_table, batched_matmul, pointer_table
@@ -812,70 +1046,73 @@ class Shampoo(torch.optim.Optimizer):
         fixed handful of torch calls per chunk: on an H100 host this path is bound by the host's time per call
         (benchmarks/results/profile_steps.exploratory.md), not by the GPU."""
         device = batch.left.eigenvalues.device
-        with matmul_precision(self.precision):
-            for start, end in self._chunks(len(entries), self.precondition_chunk_blocks):
-                chunk = entries[start:end]
-                indices = [i for i, _ in chunk]
-                contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
-                select = (lambda t: t[indices[0]:indices[0] + len(indices)]) if contiguous else (
-                    lambda t: t[torch.tensor(indices).to(device, non_blocking=True)])
-                left, right = (side.selected(select) for side in (batch.left, batch.right))
-                runs = _block_runs([block for _, block in chunk])
-                sources = [_run_view(grads2d[head.param], head, last - first, across)
-                           for first, last, head, across in runs]
-                g = (torch.cat(sources) if len(sources) > 1 else sources[0]).to(torch.float32)
-                out = torch.bmm(torch.bmm(left.root_matrices(), g), right.root_matrices())
-                del g
-                # Non-finite results become 0 on the way into the directions (one pass when they are fp32).
-                fp32 = directions[chunk[0][1].param].dtype == torch.float32
-                if not fp32:
-                    out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                for first, last, head, across in runs:
-                    target = _run_view(directions[head.param], head, last - first, across)
-                    if fp32:
-                        torch.nan_to_num(out[first:last], nan=0.0, posinf=0.0, neginf=0.0, out=target)
-                    else:
-                        target.copy_(out[first:last])
+        compiling = torch.compiler.is_compiling()
+        for start, end in self._chunks(len(entries), self.precondition_chunk_blocks):
+            chunk = entries[start:end]
+            indices = [i for i, _ in chunk]
+            contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+            select = (lambda t: t[indices[0]:indices[0] + len(indices)]) if contiguous else (
+                lambda t: t[torch.tensor(indices).to(device, non_blocking=True)])
+            left, right = batch.left.root_matrices(select), batch.right.root_matrices(select)
+            runs = _block_runs([block for _, block in chunk])
+            sources = [_run_view(grads2d[head.param], head, last - first, across)
+                       for first, last, head, across in runs]
+            g = (torch.cat(sources) if len(sources) > 1 else sources[0]).to(torch.float32)
+            out = _matmul(_matmul(left, g, self.precision), right, self.precision)
+            del g
+            # Non-finite results become 0 on the way into the directions (one pass when they are fp32; a traced
+            # graph has no out= form, inductor fuses the two).
+            fp32 = directions[chunk[0][1].param].dtype == torch.float32 and not compiling
+            if not fp32:
+                out = out.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            for first, last, head, across in runs:
+                target = _run_view(directions[head.param], head, last - first, across)
+                if fp32:
+                    torch.nan_to_num(out[first:last], nan=0.0, posinf=0.0, neginf=0.0, out=target)
+                else:
+                    target.copy_(out[first:last])
 
     # ------------------------------------------------------------------ first-order rule
     def _first_order_step(self, directions) -> None:
-        index_of = {id(p): i for i, p in enumerate(self._params)}
-        for group in self.param_groups:
-            members = [(p, directions[index_of[id(p)]]) for p in group["params"]
-                       if directions[index_of[id(p)]] is not None]
+        for settings, members, hyperparameters in zip(self._settings, self._members, self._hyperparameters):
+            members = [i for i in members if directions[i] is not None]
             if not members:
                 continue
-            params = [p for p, _ in members]
-            dirs = [d for _, d in members]
+            params = [self._params[i] for i in members]
+            dirs = [directions[i] for i in members]
             states = [self.state[p] for p in params]
             if self.first_order_bits == 32:
-                self._fused_first_order(group, params, dirs, states)
+                self._fused_first_order(settings, params, dirs, states)
             else:
-                self._quantized_first_order(group, params, dirs, states)
+                self._quantized_first_order(settings, hyperparameters, params, dirs, states)
 
-    def _fused_first_order(self, group, params, dirs, states) -> None:
+    def _fused_first_order(self, settings, params, dirs, states) -> None:
         steps = [s["step"] for s in states]
-        fused = params[0].device.type in ("cuda", "cpu")
+        # torch's fused kernels are excluded from tracing (torch.compiler.disable: a graph break); a compiled step
+        # takes the foreach implementation, which inductor fuses, as torch.compile does for torch.optim.
+        fused = params[0].device.type in ("cuda", "cpu") and not torch.compiler.is_compiling()
+        # Step counters as tensors: torch.optim's functional AdamW runs un-traced (a graph break) on an accelerator
+        # unless capturable, and its traced non-capturable foreach form feeds the counters to ops that want host
+        # scalars; capturable computes the bias corrections on the counters' device. The fused kernel reads the
+        # counters on the device either way, so eager numbers are the same.
+        capturable = params[0].device.type != "cpu" or not fused
         if self.grafting == "adamw":
-            beta1, beta2 = group["betas"]
             torch_adamw(params, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
-                        foreach=None if fused else True, fused=fused or None, amsgrad=False, beta1=beta1,
-                        beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                        maximize=False)
+                        foreach=None if fused else True, fused=fused or None, capturable=capturable, amsgrad=False,
+                        beta1=settings["beta1"], beta2=settings["beta2"], lr=settings["lr"],
+                        weight_decay=settings["weight_decay"], eps=settings["eps"], maximize=False)
         else:
             torch._foreach_add_(steps, 1)
             torch_sgd(params, dirs, [s["momentum_buffer"] for s in states], foreach=None if fused else True,
-                      fused=fused or None, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                      lr=group["lr"], dampening=0.0, nesterov=group["nesterov"], maximize=False)
+                      fused=fused or None, weight_decay=settings["weight_decay"], momentum=settings["momentum"],
+                      lr=settings["lr"], dampening=0.0, nesterov=settings["nesterov"], maximize=False)
 
-    def _quantized_first_order(self, group, params, dirs, states) -> None:
+    def _quantized_first_order(self, settings, hyperparameters, params, dirs, states) -> None:
         """lbc's rules over dequantized state, hyperparameters as 0-d fp32 tensors (lbc.optim's convention, so the
         arithmetic is the same as lbc.optim.AdamW / SGD with quantized state)."""
         names = ("exp_avg", "exp_avg_sq") if self.grafting == "adamw" else ("momentum_buffer",)
-        device = params[0].device
-        hp = {key: torch.full((), float(group[key]), dtype=torch.float32, device=device)
-              for key in ("lr", "eps", "weight_decay", "momentum")}
-        betas = tuple(torch.full((), float(b), dtype=torch.float32, device=device) for b in group["betas"])
+        hp = hyperparameters
+        betas = (hp["beta1"], hp["beta2"])
         for p, d, state in zip(params, dirs, states):
             state["step"] += 1
             shape = list(p.shape)
@@ -892,7 +1129,7 @@ class Shampoo(torch.optim.Optimizer):
                                                  weight_decay=hp["weight_decay"], step=state["step"])
             else:
                 new_p, *new_states = rules.sgd_momentum(p32, d32, *values, lr=hp["lr"], momentum=hp["momentum"],
-                                                        weight_decay=hp["weight_decay"], nesterov=group["nesterov"],
+                                                        weight_decay=hp["weight_decay"], nesterov=settings["nesterov"],
                                                         step=state["step"])
             for name, value in zip(names, new_states):
                 if name in state:

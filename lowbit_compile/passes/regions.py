@@ -8,8 +8,9 @@ A region is what one parameter's optimizer step computes elementwise. Its **stor
 * full sums accumulated into a 0-d graph input: ``copy_(acc, acc + sum(e1) + sum(e2) ...)`` (the non-finite counter).
 
 Walking back from each store's value through the allow-listed pointwise ops (``pointwise.py``) ends at **leaves**:
-``dequant`` anchors and non-0-d graph inputs (tensors the kernel loads) and 0-d values (scalars the kernel reads:
-hyperparameters, the step, scalar math on them, constants). Stores whose walks share a tensor node form one region.
+``dequant`` anchors, non-0-d graph inputs and whole tensors computed by other (non-pointwise) ops (tensors the kernel
+loads) and 0-d values (scalars the kernel reads: hyperparameters, the step, scalar math on them, constants). Stores
+whose walks share a tensor node form one region.
 
 A region is fusable when every walk ends at leaves, nothing outside the region reads its values, the tensors it
 writes are graph inputs written only by it and read by nothing after the fused op, the tensors it only reads are
@@ -243,11 +244,17 @@ def walk(store: Store) -> Walk:
                         f"update", None)
             result.leaves.add(node)
             continue
+        computable = node.op == "call_function" and is_pointwise(node.target)
+        if not computable and node.op == "call_function" and _same_numel(node, numel):
+            # A whole tensor computed by an op the kernel cannot run (a matmul, a foreach op) is loaded like a graph
+            # input: an update whose input is computed in the same graph (Shampoo's grafted direction) still fuses.
+            result.leaves.add(node)
+            continue
         skip = SHAPE_ONLY_ARGUMENTS.get(op, ())
         operands = [a for i, a in enumerate(node.args) if i not in skip and isinstance(a, Node)]
         operands += [a for a in node.kwargs.values() if isinstance(a, Node)]
         pending += operands
-        if node.op != "call_function" or not is_pointwise(node.target):
+        if not computable:
             problem(f"{node.name} = {op} is not an elementwise op the fused kernel computes", op)
         elif not _same_numel(node, numel):
             val = value_of(node)
@@ -378,7 +385,11 @@ def _check(region: Region, walks: dict, facts: GraphFacts) -> None:
         if storages[_storage(target)] > 1:
             return region.block(f"{target.name} shares its storage with another tensor of the update")
 
-    plain = {n for n in reads if not is_scalar(n)} | {t for s in region.stores if s.kind == "tensor" for t in s.targets}
+    computed = {n for n in region.leaves if n.op == "call_function" and not is_scalar(n) and not is_dequant(n)}
+    if computed and not region.interior:
+        return region.block("it only copies tensors computed by other ops (nothing to fuse; inductor re-inplaces them)")
+    plain = ({n for n in reads if not is_scalar(n)} | computed
+             | {t for s in region.stores if s.kind == "tensor" for t in s.targets})
     if not plain:
         return region.block("it reads and writes no plain tensor (the parameter), which gives the element count")
     for node in sorted(plain, key=facts.position.get):
