@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import lowbit_compile.optim.shampoo as shampoo_module
-from lowbit_compile.optim.shampoo import (EIGENVECTOR_FORMAT, RANK_SHIFT, FactorSide, Shampoo, matrix_shape,
-                                          partition)
+from lowbit_compile.formats import decode, encode
+from lowbit_compile.optim.shampoo import (EIGENVECTOR_FORMAT, RANK_SHIFT, FactorSide, Shampoo, block_rotation,
+                                          matrix_shape, partition, rotate_blocks)
 from lowbit_compile.templates.shampoo import QuantizedRows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +81,16 @@ def assert_quantized_from(stored: torch.Tensor, exact: torch.Tensor, tie: float 
     assert float((~nearest).double().mean()) <= max_ties
 
 
+def stored_coordinates(rows: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """float64 eigenvector rows in the coordinates 4-bit Shampoo quantizes them in: padded to whole blocks and
+    rotated block by block when the optimizer rotates (``FactorSide``), else as they are."""
+    if rotation is None:
+        return rows
+    order = rotation.shape[0]
+    padded = torch.nn.functional.pad(rows, (0, -rows.shape[-1] % order))
+    return (padded.reshape(-1, order) @ rotation).reshape(padded.shape)
+
+
 def snapshot(opt: Shampoo) -> dict:
     """float64 copies of everything the reference reads or compares."""
     sides = {}
@@ -87,7 +98,9 @@ def snapshot(opt: Shampoo) -> dict:
         for name, side in (("left", batch.left), ("right", batch.right)):
             root = FactorSide._matrices(side.root_offdiagonal) + torch.diag_embed(side.root_diagonal)
             sides[(batch.key, name)] = dict(
-                rows=side.eigenvector_rows().double().cpu(), eigenvalues=side.eigenvalues.double().cpu(),
+                rows=side.eigenvector_rows().double().cpu(), stored=side.stored_rows().double().cpu(),
+                rotation=None if side.rotation is None else side.rotation.double().cpu(),
+                eigenvalues=side.eigenvalues.double().cpu(),
                 root=root.double().cpu(), ema=None if side.ema is None else side.ema.double().cpu(),
                 quantized=side.fmt is not None)
     params = [p.detach().double().cpu() for p in opt._params]
@@ -132,7 +145,8 @@ def check_step(opt: Shampoo, before: dict, after: dict, grads: list[torch.Tensor
                         gap = torch.minimum(torch.cat([gaps, gaps.new_full((1,), math.inf)]),
                                             torch.cat([gaps.new_full((1,), math.inf), gaps]))
                         separated = gap >= 1e-2 * scale
-                        assert_quantized_from(new["rows"][b][separated], rows[separated],
+                        assert_quantized_from(new["stored"][b][separated],
+                                              stored_coordinates(rows[separated], new["rotation"]),
                                               stochastic=opt.eigenvector_rounding == "stochastic")
                     else:
                         factor_new = (new["rows"][b].mT * new["eigenvalues"][b]) @ new["rows"][b]
@@ -197,14 +211,15 @@ TOLERANCES = {32: dict(eigenvalues=1e-4, factor=1e-4, root=1e-4, update=1e-4),
 @given(shapes=st.lists(SHAPES, min_size=1, max_size=3), bits=st.sampled_from([4, 32]),
        grafting=st.sampled_from(["adamw", "sgd"]), ema=st.booleans(), frequencies=st.sampled_from([(1, 1), (1, 2),
                                                                                                  (2, 1)]),
-       fused=st.booleans(), rounding=st.sampled_from(["nearest", "stochastic"]), seed=st.integers(0, 2**31 - 1))
-def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies, fused, rounding, seed):
+       fused=st.booleans(), rounding=st.sampled_from(["nearest", "stochastic"]),
+       rotation=st.sampled_from(["block_hadamard", "none"]), seed=st.integers(0, 2**31 - 1))
+def test_steps_match_float64_reference(shapes, bits, grafting, ema, frequencies, fused, rounding, rotation, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(DEVICE)) for shape in shapes]
     opt = Shampoo(params, lr=0.05, bits=bits, max_preconditioner_dim=64, precondition_frequency=frequencies[0],
                   inverse_root_frequency=frequencies[1], grafting=grafting, weight_decay=0.01, epsilon=1e-3,
                   ema_every_step=ema, min_precondition_numel=100, precision="ieee", refresh_precision="ieee",
-                  eigenvector_rounding=rounding, momentum=0.5,
+                  eigenvector_rounding=rounding, eigenvector_rotation=rotation, momentum=0.5,
                   nesterov=grafting == "sgd", fused=fused)
     for step in range(1, 4):
         before = snapshot(opt)
@@ -427,6 +442,46 @@ def test_load_state_dict_rejects_other_configurations():
         Shampoo([torch.nn.Parameter(torch.randn(65, 70))], bits=32).load_state_dict(saved)
     with pytest.raises(ValueError, match="parameters saved"):
         Shampoo([torch.nn.Parameter(torch.randn(65, 70)), torch.nn.Parameter(torch.randn(3))]).load_state_dict(saved)
+    # Same keys and shapes, other coordinates: rotated codes must not be read as unrotated ones (nor the reverse).
+    unrotated = Shampoo([torch.nn.Parameter(torch.randn(65, 70))], bits=4, eigenvector_rotation="none")
+    with pytest.raises(ValueError, match="eigenvector_rotation"):
+        unrotated.load_state_dict(saved)
+    legacy = unrotated.state_dict()
+    for group in legacy["param_groups"]:
+        del group["eigenvector_rotation"]  # written before the option existed: unrotated codes
+    unrotated.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="eigenvector_rotation"):
+        Shampoo(params, bits=4).load_state_dict(legacy)
+
+
+def test_rotated_storage_keeps_the_eigenvectors():
+    """Rotation is a change of coordinates of the stored rows only: an orthogonal R per 64-block, so decoding gives
+    the same rows up to 4-bit rounding, and the rounding error (in the rotated coordinates) is what the format makes."""
+    rotation = block_rotation(64, torch.device("cpu"))
+    assert torch.allclose(rotation @ rotation.mT, torch.eye(64), atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(3, 100, 100, generator=gen, dtype=torch.float64))
+    rows = q.mT.float().contiguous()
+    errors = {}
+    for name, rotate in (("rotated", True), ("plain", False)):
+        side = FactorSide(3, 100, EIGENVECTOR_FORMAT, 1e-3, False, torch.device("cpu"), rotate=rotate)
+        assert torch.allclose(side.eigenvector_rows(), torch.eye(100).expand(3, 100, 100), atol=0.05)
+        side.store_eigenbasis(rows, torch.ones(3, 100), torch.ones(3, dtype=torch.bool))
+        errors[name] = float((side.eigenvector_rows() - rows).norm() / rows.norm())
+        assert side.stored_rows().shape[-1] == (128 if rotate else 100)
+    assert errors["rotated"] < 0.15 and errors["plain"] < 0.15, errors  # linear2, random rows: ~0.1 either way
+    # The stored codes are the format's codes of the rows in rotated coordinates (computed here independently), and
+    # the rows read back are those codes decoded and rotated back.
+    side = FactorSide(3, 100, EIGENVECTOR_FORMAT, 1e-3, False, torch.device("cpu"), rotate=True)
+    side.store_eigenbasis(rows, torch.ones(3, 100), torch.ones(3, dtype=torch.bool))
+    rotated = rotate_blocks(torch.nn.functional.pad(rows, (0, 28)), rotation)
+    assert torch.allclose(rotated.double(), stored_coordinates(rows.double(), rotation.double()), atol=1e-6)
+    codes, absmax = encode(rotated.reshape(-1).contiguous(), EIGENVECTOR_FORMAT)
+    assert torch.equal(side.eigenvectors.codes.reshape(-1), codes)
+    assert torch.equal(side.eigenvectors.absmax.reshape(-1), absmax)
+    decoded = decode(codes, absmax, EIGENVECTOR_FORMAT, rotated.numel()).view(3, 100, 128).double()
+    back = stored_coordinates(decoded, rotation.double().mT)[..., :100]
+    assert torch.allclose(side.eigenvector_rows().double(), back, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -507,6 +562,7 @@ def test_parameters_without_gradients_are_skipped():
     (dict(bits=8), "bits"), (dict(first_order_bits=16), "first_order_bits"), (dict(grafting="adam"), "grafting"),
     (dict(precision="fp16"), "precision"), (dict(refresh_precision="fp16"), "refresh_precision"),
     (dict(eigenvector_rounding="up"), "eigenvector_rounding"), (dict(seed=0.5), "seed"),
+    (dict(eigenvector_rotation="random"), "eigenvector_rotation"),
     (dict(lr=-1.0), "lr"), (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
     (dict(precondition_chunk_blocks=0), "precondition_chunk_blocks"),
     (dict(precondition_frequency=0), "precondition_frequency"), (dict(inverse_root_frequency=0),

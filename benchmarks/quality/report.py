@@ -59,7 +59,7 @@ def summarize(payload: dict) -> list[dict]:
     return rows
 
 
-SHAMPOO_4BIT = ("shampoo4", "shampoo4_sr")
+SHAMPOO_4BIT = ("shampoo4", "shampoo4_sr", "shampoo4_unrotated", "shampoo4_sr_unrotated")
 
 
 def verdicts(rows: list[dict]) -> list[str]:

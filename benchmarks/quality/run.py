@@ -63,6 +63,11 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     "shampoo4": OptimizerChoice("Shampoo 4-bit", _shampoo(4)),
     "shampoo4_sr": OptimizerChoice("Shampoo 4-bit, stochastic eigenvector rounding",
                                    _shampoo(4, eigenvector_rounding="stochastic")),
+    "shampoo4_unrotated": OptimizerChoice("Shampoo 4-bit, eigenvectors stored unrotated (the paper's)",
+                                          _shampoo(4, eigenvector_rotation="none")),
+    "shampoo4_sr_unrotated": OptimizerChoice("Shampoo 4-bit, unrotated, stochastic eigenvector rounding",
+                                             _shampoo(4, eigenvector_rotation="none",
+                                                      eigenvector_rounding="stochastic")),
     # The settings of benchmarks/results/efcp.quality.md (its lr is M-FAC's own scale, not AdamW's).
     "efmfac": OptimizerChoice("EF-M-FAC (Q8 error feedback)", lambda p, lr: lbc_optim.EFMFAC(
         p, lr=0.01, m=64, density=0.01, damping=1e-3)),
