@@ -35,7 +35,7 @@ import triton.language as tl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.step_time import time_calls  # noqa: E402
+from benchmarks.step_time import launched_as, time_calls  # noqa: E402
 from lowbit_compile.templates import codecs as C  # noqa: E402
 
 
@@ -105,7 +105,6 @@ def time_variant(spec_text: str, variant: str, shape, device: torch.device,
     from lowbit_compile import formats as F
     from lowbit_compile.templates import fused_update as FU
 
-    saved = (FU.render_source, dict(FU.GPU_LAUNCH_SHAPES))
     render = FU.render_source
 
     def patched(spec):
@@ -118,33 +117,31 @@ def time_variant(spec_text: str, variant: str, shape, device: torch.device,
 
     try:
         FU.render_source = patched
-        FU.GPU_LAUNCH_SHAPES.update({bits: shape for bits in FU.GPU_LAUNCH_SHAPES})
-        spec = FU.KernelSpec.from_string(spec_text)
-        kernel = FU.FusedUpdateKernel(spec)
-        params = [torch.randn(numel, device=device) * 0.02 for _ in range(count)]
-        grads = [torch.randn(numel, device=device) * 1e-3 for _ in range(count)]
-        mutated = list(params)
-        for role in spec.mutated[1:]:
-            if role == "float32":
-                mutated += [torch.zeros(numel, device=device) for _ in range(count)]
-                continue
-            storage = [F.empty_state(numel, F.parse_spec(role), device) for _ in range(count)]
-            mutated += [s[0] for s in storage] + [s[1] for s in storage]
-        mutated.append(torch.zeros((), dtype=torch.int64, device=device))
-        values = [1 - 1e-5, 1e-3, 0.1, 0.1, 0.999, 0.001, 0.0316, 1e-8]
-        scalars = [torch.tensor(v, device=device) for v in values[:len(spec.scalars)]]
-        launch = lambda: kernel.launch(mutated, grads, scalars)  # noqa: E731
-        reps = 30 if device.type == "cuda" else 1
-        times = time_calls(launch, device, target_s=0.0, min_reps=reps, max_reps=reps)
-        ms = statistics.median(times)
-        state = sum(t.numel() * t.element_size() for t in mutated[count:-1])
-        moved = 12 * numel * count + 2 * state  # params read + written, grads read, state read + written
-        return dict(variant=variant, shape=str(shape), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
-                    moved_bytes_per_param=moved / (numel * count), gbs=moved / ms / 1e6)
+        with launched_as(shape):
+            spec = FU.KernelSpec.from_string(spec_text)
+            kernel = FU.FusedUpdateKernel(spec)
+            params = [torch.randn(numel, device=device) * 0.02 for _ in range(count)]
+            grads = [torch.randn(numel, device=device) * 1e-3 for _ in range(count)]
+            mutated = list(params)
+            for role in spec.mutated[1:]:
+                if role == "float32":
+                    mutated += [torch.zeros(numel, device=device) for _ in range(count)]
+                    continue
+                storage = [F.empty_state(numel, F.parse_spec(role), device) for _ in range(count)]
+                mutated += [s[0] for s in storage] + [s[1] for s in storage]
+            mutated.append(torch.zeros((), dtype=torch.int64, device=device))
+            values = [1 - 1e-5, 1e-3, 0.1, 0.1, 0.999, 0.001, 0.0316, 1e-8]
+            scalars = [torch.tensor(v, device=device) for v in values[:len(spec.scalars)]]
+            launch = lambda: kernel.launch(mutated, grads, scalars)  # noqa: E731
+            reps = 30 if device.type == "cuda" else 1
+            times = time_calls(launch, device, target_s=0.0, min_reps=reps, max_reps=reps)
     finally:
-        FU.render_source = saved[0]
-        FU.GPU_LAUNCH_SHAPES.clear()
-        FU.GPU_LAUNCH_SHAPES.update(saved[1])
+        FU.render_source = render
+    ms = statistics.median(times)
+    state = sum(t.numel() * t.element_size() for t in mutated[count:-1])
+    moved = 12 * numel * count + 2 * state  # params read + written, grads read, state read + written
+    return dict(variant=variant, shape=str(shape), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
+                moved_bytes_per_param=moved / (numel * count), gbs=moved / ms / 1e6)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

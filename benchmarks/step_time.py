@@ -21,6 +21,7 @@ update, so a fast optimizer that does not update is caught.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -169,21 +170,18 @@ def back_to_back_ms(fn: Callable[[], object], device: torch.device, steps: int, 
     ``repeats`` such runs is the caller's): the GPU's time per step once the host runs ahead of it, as it does in
     training, where the step's host work overlaps the backward pass still running on the GPU. Host-bound steps
     (host time per call above the GPU's) measure the host instead. On the CPU: wall clock per call."""
+    def run():
+        for _ in range(steps):
+            fn()
+
     times = []
     for _ in range(repeats):
         synchronize(device)
         if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / steps)
+            times.append(cuda_event_ms(run) / steps)
         else:
             begin_s = time.perf_counter()
-            for _ in range(steps):
-                fn()
+            run()
             times.append(1e3 * (time.perf_counter() - begin_s) / steps)
     return times
 
@@ -347,27 +345,35 @@ def print_row(row: Row) -> None:
     print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "error_trace"}), flush=True)
 
 
-def tile_sweep(device: torch.device, bandwidth: float, shapes: list, target_s: float, min_reps: int) -> list[Row]:
-    """Our 8-bit and 4-bit AdamW on the first workload with each ``fused_update.LaunchShape`` of the fused kernel:
-    the data behind ``GPU_LAUNCH_SHAPES``."""
+@contextlib.contextmanager
+def launched_as(shape):
+    """The fused kernel launched with ``fused_update.LaunchShape`` ``shape`` for every state width while the block
+    runs (kernels compiled before or inside it are dropped: their pointer tables are laid out per tile size)."""
     from lowbit_compile.templates import fused_update
 
     default = dict(fused_update.GPU_LAUNCH_SHAPES)
-    workload = workloads(cpu_smoke=device.type != "cuda")[0]
-    rows = []
+    fused_update.GPU_LAUNCH_SHAPES.update({bits: shape for bits in default})
+    fused_update._KERNELS.clear()
     try:
-        for shape in shapes:
-            fused_update.GPU_LAUNCH_SHAPES.update({bits: shape for bits in default})
-            for contender in CONTENDERS:
-                if contender.name not in ("lowbit AdamW 8-bit", "lowbit AdamW 4-bit"):
-                    continue
-                named = dataclasses.replace(contender, name=f"{contender.name} [launch {shape}]")
-                fused_update._KERNELS.clear()  # pointer tables are laid out per tile size
-                rows.append(measured_row(workload, named, device, bandwidth, target_s, min_reps))
-                print_row(rows[-1])
+        yield
     finally:
         fused_update.GPU_LAUNCH_SHAPES.update(default)
         fused_update._KERNELS.clear()
+
+
+def tile_sweep(device: torch.device, bandwidth: float, shapes: list, target_s: float, min_reps: int) -> list[Row]:
+    """Our 8-bit and 4-bit AdamW on the first workload with each ``fused_update.LaunchShape`` of the fused kernel:
+    the data behind ``GPU_LAUNCH_SHAPES``."""
+    workload = workloads(cpu_smoke=device.type != "cuda")[0]
+    rows = []
+    for shape in shapes:
+        for contender in CONTENDERS:
+            if contender.name not in ("lowbit AdamW 8-bit", "lowbit AdamW 4-bit"):
+                continue
+            named = dataclasses.replace(contender, name=f"{contender.name} [launch {shape}]")
+            with launched_as(shape):
+                rows.append(measured_row(workload, named, device, bandwidth, target_s, min_reps))
+            print_row(rows[-1])
     return rows
 
 

@@ -154,7 +154,7 @@ class Quantized(Format):
     @property
     def lowest_level(self) -> float:
         """The most negative level as a Python float (usable while tracing, unlike the table tensor)."""
-        return _level_values(self.map, self.bits, self.signed)[0][0]
+        return _lowest_level(self.map, self.bits, self.signed)
 
     @property
     def max_roundtrip_error(self) -> float:
@@ -233,6 +233,13 @@ def tables(fmt: Quantized, device) -> tuple[torch.Tensor, torch.Tensor]:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _tables_on(fmt.map, fmt.bits, fmt.signed, device)
+
+
+# Dynamo evaluates this at trace time and keeps the result as a constant: tracing into the cached table lookup (its
+# .tolist()) would be a graph break in any traced encode.
+@torch.compiler.assume_constant_result
+def _lowest_level(map: str, bits: int, signed: bool) -> float:
+    return _level_values(map, bits, signed)[0][0]
 
 
 @functools.lru_cache(maxsize=None)

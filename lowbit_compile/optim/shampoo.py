@@ -75,7 +75,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.sgd import sgd as torch_sgd
 
 from .. import ops  # noqa: F401  (registers torch.ops.lowbit.dequant / requant_)
-from ..formats import Q4, Q8, Quantized, count_below, decode, encode, pack, tables
+from ..formats import Q4, Q8, Quantized, decode, encode, tables
 from . import rules
 from .core import evaluate_closure
 
@@ -301,16 +301,11 @@ def _all_finite(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Factor storage
 # --------------------------------------------------------------------------------------------------------------
-# The traceable encoder below computes the block scale as the plain absmax, which is formats.block_scale for a format
-# whose lowest level is -1 (no stretching of negative extremes).
-assert EIGENVECTOR_FORMAT.lowest_level == -1.0
-
-
 def _encode_rows(x: torch.Tensor, fmt: Quantized, midpoints: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit codes and absmax of every row of ``(batch, rows, cols)`` fp32 matrices, rows padded to whole blocks: the
-    Triton codec on CUDA in eager mode, else ``formats.encode``'s arithmetic written so that Dynamo can trace it
-    (``midpoints``, the format's table on ``x``'s device, is then needed while tracing)."""
+    Triton codec on CUDA in eager mode, else ``formats.encode`` (``midpoints``, the format's table on ``x``'s device,
+    is then needed while tracing)."""
     from ..templates.shampoo import padded_row_length
     count, rows, cols = x.shape
     padded = padded_row_length(cols, fmt)
@@ -321,13 +316,7 @@ def _encode_rows(x: torch.Tensor, fmt: Quantized, midpoints: torch.Tensor | None
         absmax = torch.empty(count, rows, padded // fmt.block, dtype=torch.float32, device=x.device)
         quantize_into(full, codes, absmax, fmt)
         return codes, absmax
-    if midpoints is None:
-        midpoints = tables(fmt, x.device)[1]
-    blocks = full.reshape(-1, fmt.block).to(torch.float32)
-    absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1))
-    safe = torch.where(absmax > 0, absmax, 1.0)
-    normalised = torch.where(absmax[:, None] > 0, blocks / safe[:, None], 0.0)
-    codes = pack(count_below(normalised, midpoints, fmt.bits).to(torch.uint8).reshape(-1), fmt)
+    codes, absmax = encode(full, fmt, midpoints)
     return codes.view(count, rows, padded // 2), absmax.view(count, rows, padded // fmt.block)
 
 
