@@ -270,9 +270,10 @@ class LaunchShape:
 # (benchmarks/results/fused_ablation.exploratory.md) 1024/4 timed best, ahead of 512/4, 2048/8 and 1024/8; it keeps
 # one 256-element row per warp, so block maxima are warp reductions.
 # 4 bits, 512 elements / 4 warps: the 4-bit AdamW kernel needs 128 registers per thread at 1024/4 (25% occupancy)
-# and 64 at 512/4 (one 128-element block per warp, 4 per thread, the layout of a 16-byte fp32 store, so the parameter
-# store needs no shared-memory shuffle); H100, 16 x 4096^2 fp32 params: 6.52 ms per 1G params at 512/4 against 8.37
-# at 1024/4 (benchmarks/results/fused_ablation.run1.exploratory.md, rows search4).
+# and 64 at 512/4 (offline sm_90 compile, benchmarks/results/sass_counts.exploratory.md): one 128-element block per
+# warp, 4 per thread, the layout of a 16-byte fp32 store, so the parameter store needs no shared-memory shuffle.
+# H100, 16 x 4096^2 fp32 params: 6.52 ms per 1G params at 512/4 against 8.37 at 1024/4
+# (benchmarks/results/fused_ablation.run1.exploratory.md, rows search4).
 # 8 tiles per program: a program first chases the launch tables (tensor index, element count, data pointers:
 # dependent loads), which the tiles of one tensor then share: 8 tiles against 1 took 7.71 against 9.83 ms for 8-bit
 # AdamW on 64 x 4096^2 fp32 params (benchmarks/results/step_time.md as of commit e9a5ec0, tile sweep).
