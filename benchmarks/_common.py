@@ -109,3 +109,29 @@ def cuda_event_ms(fn) -> float:
     end.record()
     end.synchronize()
     return begin.elapsed_time(end)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def back_to_back_ms(fn: Callable[[], object], device: torch.device, steps: int, repeats: int = 5) -> list[float]:
+    """Milliseconds per call of ``steps`` calls enqueued without synchronising, between two CUDA events (median of
+    ``repeats`` such runs is the caller's): the GPU's time per step once the host runs ahead of it, as it does in
+    training, where the step's host work overlaps the backward pass still running on the GPU. Host-bound steps
+    (host time per call above the GPU's) measure the host instead. On the CPU: wall clock per call."""
+    def run():
+        for _ in range(steps):
+            fn()
+
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        if device.type == "cuda":
+            times.append(cuda_event_ms(run) / steps)
+        else:
+            begin_s = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - begin_s) / steps)
+    return times

@@ -41,7 +41,7 @@ for part in "$@"; do
     case $part in
         tests) run gpu_tests "${TESTS_S:-200}" python3 -m pytest -q -m cuda -p no:cacheprovider --durations=15 -rfEsx \
                    tests/test_codecs_triton.py tests/test_backend_gpu.py tests/test_optim_compile.py \
-                   tests/test_shampoo_kernels.py tests/test_efcp.py ;;
+                   tests/test_shampoo_kernels.py tests/test_shampoo_compile.py tests/test_efcp.py ;;
         shampoo_tests) run shampoo_tests "${SHAMPOO_TESTS_S:-240}" python3 -m pytest -q -x -p no:cacheprovider \
                    --durations=10 tests/test_shampoo.py ;;
         step) run step_time "${STEP_S:-330}" python3 benchmarks/step_time.py --out "$LOGS/results" ${STEP_ARGS:-} ;;

@@ -12,10 +12,11 @@ With ``--python-profile`` each case's host side is also run under cProfile (top 
 
 Cases: adamw8 / adamw4 (ours compiled, 64 x 4096² fp32), gpt2_ours8 / gpt2_torch (the GPT-2-124M list), shampoo4 /
 shampoo32 (a plain step of ours on the 12-layer d=1024 stack, its preconditioning alone and, 4-bit, a
-statistics-refresh step), shampoo_fused (a plain step with the Triton templates), host_ops (host cost of one torch op
-by tensor size), shampoo_refresh (plain and refresh step times per QR panel and chunk size), host (64 tiny tensors: a
-step's host cost alone, with inductor's size asserts off (our default) and on), tf32 (a batched 1024³ matmul under
-each float32 matmul precision).
+statistics-refresh step), shampoo_fused (a plain step with the Triton templates), shampoo_compiled (a plain 4-bit
+step compiled, default and reduce-overhead modes), host_ops (host cost of one torch op by tensor size),
+shampoo_refresh (plain and refresh step times per QR panel and chunk size), host (64 tiny tensors: a step's host cost
+alone, with inductor's size asserts off (our default) and on), tf32 (a batched 1024³ matmul under each float32 matmul
+precision).
 """
 from __future__ import annotations
 
@@ -140,6 +141,25 @@ def case_shampoo(bits: int) -> None:
         profile("Shampoo 4-bit statistics-refresh step", refresh_step, steps=1, reps=3, rows=20)
 
 
+def case_shampoo_compiled() -> None:
+    """A plain 4-bit step compiled with backend="lowbit", by inductor mode (reduce-overhead: CUDA graphs). New
+    gradients before every call, as in training and in benchmarks/shampoo.py (so CUDA graphs copy them in)."""
+    from lowbit_compile.optim.shampoo import Shampoo
+
+    for mode in ("default", "reduce-overhead"):
+        params = shampoo_params(12)
+        opt = Shampoo(params, lr=1e-3, bits=4, max_preconditioner_dim=1024)
+        opt._step = 1000  # plain steps only
+        step = torch.compile(opt.step, backend="lowbit", mode=mode)
+
+        def fresh_step():
+            for p in params:
+                p.grad = torch.empty_like(p).normal_(0.0, 1e-2)
+            step()
+        profile(f"Shampoo 4-bit plain step compiled, mode={mode} (includes drawing new gradients)", fresh_step)
+        torch._dynamo.reset()
+
+
 def case_shampoo_refresh() -> None:
     """Plain and statistics-refresh step times of 4-bit Shampoo for several QR panels and chunk sizes, with the peak
     memory a refresh adds."""
@@ -227,6 +247,7 @@ CASES = {
     "gpt2_ours8": lambda: case_ours(gpt2_shapes(), 8, "ours 8-bit AdamW, GPT-2 list"),
     "gpt2_torch": lambda: case_torch_fused(gpt2_shapes(), "torch fused AdamW, GPT-2 list"),
     "shampoo_refresh": case_shampoo_refresh,
+    "shampoo_compiled": case_shampoo_compiled,
     "shampoo_fused": case_shampoo_fused,
     "host_ops": case_host_ops,
     "host": lambda: [case_ours(((64, 64),) * 64, 8, "ours 8-bit AdamW, 64 x 64² fp32 (host-bound)", options=o)

@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing
 
-from benchmarks._common import cuda_event_ms  # noqa: E402
+from benchmarks._common import back_to_back_ms, cuda_event_ms, synchronize  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 
@@ -139,11 +139,6 @@ CONTENDERS = [
 # --------------------------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn: Callable[[], object], device: torch.device, target_s: float, min_reps: int,
                max_reps: int = 200) -> list[float]:
     """Milliseconds of each of many calls after warm-up: CUDA events on the GPU, the host clock on the CPU."""
@@ -162,27 +157,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, target_s: float, 
             begin_s = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - begin_s))
-    return times
-
-
-def back_to_back_ms(fn: Callable[[], object], device: torch.device, steps: int, repeats: int = 5) -> list[float]:
-    """Milliseconds per call of ``steps`` calls enqueued without synchronising, between two CUDA events (median of
-    ``repeats`` such runs is the caller's): the GPU's time per step once the host runs ahead of it, as it does in
-    training, where the step's host work overlaps the backward pass still running on the GPU. Host-bound steps
-    (host time per call above the GPU's) measure the host instead. On the CPU: wall clock per call."""
-    def run():
-        for _ in range(steps):
-            fn()
-
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        if device.type == "cuda":
-            times.append(cuda_event_ms(run) / steps)
-        else:
-            begin_s = time.perf_counter()
-            run()
-            times.append(1e3 * (time.perf_counter() - begin_s) / steps)
     return times
 
 

@@ -815,7 +815,23 @@ class Shampoo(torch.optim.Optimizer):
         self._compiled_regions: dict[tuple, Callable] = {}
         self._compile_regions = False
         self._present_masks: dict[tuple, torch.Tensor] = {}
+        # Every state tensor keeps its address for the optimizer's life (stores and load_state_dict copy into it), so
+        # the CUDA graphs of a step compiled with mode="reduce-overhead" read and write it in place instead of
+        # copying it into the graph's buffers at every replay (and do not skip graphs for mutating it).
+        for tensor in self._state_tensors():
+            torch._dynamo.mark_static_address(tensor)
         self._initialised = True
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """The parameters and every tensor the step reads or writes besides the gradients."""
+        tensors = list(self._params) + list(self.counters.values())
+        tensors += [t for held in self._hyperparameters for t in held.values()]
+        tensors += [t for state in self.state.values() for t in state.values()]
+        for batch in self.batches:
+            for side in (batch.left, batch.right):
+                tensors += list(side.tensors().values())
+                tensors += [t for t in (side.codebook, side.midpoints, side.rotation) if t is not None]
+        return tensors
 
     # ------------------------------------------------------------------ set-up
     def add_param_group(self, param_group: dict) -> None:
