@@ -203,6 +203,15 @@ def test_row_encoder_equals_formats_encode(count, rows, cols, log_scale, zeros, 
     assert torch.equal(absmax.reshape(-1), expected_absmax)
 
 
+@given(count=st.integers(1, 80), seed=st.integers(0, 2**16))
+@settings(max_examples=12, deadline=None)
+def test_stack_scalars_traced_equals_stack(count, seed):
+    torch._dynamo.reset()
+    values = list(torch.randn(count, generator=torch.Generator().manual_seed(seed)).unbind())
+    traced = torch.compile(shampoo_module.stack_scalars, backend="aot_eager", fullgraph=True)(values)
+    assert torch.equal(traced, torch.stack(values))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------------------------
