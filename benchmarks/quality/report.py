@@ -102,13 +102,30 @@ def _fmt(mean, std, digits=4):
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def title(environment: dict) -> str:
+    """The report's heading: where it ran and at which settings (payloads from before the GPU mode: CPU, small)."""
+    device = "CPU" if environment.get("device", "cpu") == "cpu" else "GPU"
+    quick = ", quick" if environment.get("quick") else ""
+    return f"# Quality suite ({device}, {environment.get('scale', 'small')} settings{quick})"
+
+
 def markdown(payload: dict, rows: list[dict]) -> str:
-    lines = ["# Quality suite (CPU, small settings)", "",
-             f"torch {payload['environment']['torch']}, {payload['environment']['threads']} thread(s), optimizers run "
+    env = payload["environment"]
+    where = (f"{env['device_name']}, " if env.get("device_name") else "") + (
+        f"CUDA {env['cuda']}, " if env.get("cuda") else "")
+    lines = [title(env), "",
+             f"{where}torch {env['torch']}, {env['threads']} thread(s), optimizers run "
              f"eagerly; reference for gaps: {payload['optimizers'][payload['reference']]}. Gap = (mean - ref mean) / "
              "pooled seed std, positive = worse.", ""]
+    settings = env.get("settings", {})
     for task, info in payload["tasks"].items():
-        lines.append(f"- **{task}**: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "model"))
+        line = f"- **{task}**: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "model")
+        if task in settings:
+            s = settings[task]
+            line += (f"; batch {s['batch']}, model " + ", ".join(f"{k} {v}" for k, v in s["model"].items())
+                     + f"; Shampoo T1={s['shampoo']['precondition_frequency']}, "
+                       f"T2={s['shampoo']['inverse_root_frequency']}")
+        lines.append(line)
     lines += ["", "| task | optimizer | seeds | val loss | val acc | loss gap (std) | acc gap (std) | state B/param "
               "| ms/step | opt ms/step |", "|" + "---|" * 10]
     for r in rows:
@@ -118,6 +135,10 @@ def markdown(payload: dict, rows: list[dict]) -> str:
                      f"{gap(r['acc_gap_std'])} | {r['state_bytes_per_param']:.3f} | {r['step_ms']:.2f} | "
                      f"{r['opt_step_ms']:.2f} |")
     lines += ["", "## Checks (issue 4)", "", *(f"- {line}" for line in verdicts(rows)), ""]
+    if payload.get("skipped"):
+        lines += ["## Skipped (time budget)", "", "Not in the table: pairs whose seeds did not all run.", "",
+                  *(f"- {s['task']} / {payload['optimizers'].get(s['optimizer'], s['optimizer'])}: "
+                    f"{s['seeds_done']} of {s['seeds']} seeds ran" for s in payload["skipped"]), ""]
     return "\n".join(lines)
 
 
@@ -127,7 +148,14 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(payload["tasks"])
+    tasks = [t for t in payload["tasks"] if any(r["task"] == t for r in payload["runs"])]
+    if not tasks:  # every run cut off by the time budget
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no (task, optimizer) pair completed", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     columns = min(2, len(tasks))
     rows = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)

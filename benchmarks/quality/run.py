@@ -1,15 +1,28 @@
 """Train every (task, optimizer, seed) of the quality suite and write JSON + Markdown + PNG.
 
     python -m benchmarks.quality.run [--quick] [--seeds 3] [--tasks char_lm,...] [--optimizers torch_adamw,...]
-                                     [--out benchmarks/results]
+                                     [--device cpu|cuda] [--scale small|large] [--budget-s SECONDS]
+                                     [--out benchmarks/results] [--name STEM]
 
 Each run starts from the seed's initial weights and sees the seed's batches in the same order, whatever the optimizer.
 Hyper-parameters are shared defaults, never tuned per optimizer: every AdamW variant (and Shampoo's AdamW grafting)
 uses the task's lr; Lion uses lr/10 with 10x the weight decay (the usual Lion conversion, constant lr * wd); SGD uses
 a fixed lr of 0.05 with momentum 0.9; EF-M-FAC takes the settings of the EFCP format study
-(benchmarks/results/efcp.quality.md). The learning rate is constant. Our optimizers run eagerly here (their anchor ops'
-pure-torch paths, which are the reference codecs): on these tiny CPU models an inductor compile per run would cost far
-more than the run itself; agreement of the compiled path with eager is the backend tests' concern, not this suite's.
+(benchmarks/results/efcp.quality.md). The learning rate is constant. Our optimizers run eagerly here, never through
+torch.compile (on the CPU their anchor ops' pure-torch paths, which are the reference codecs): on these small models an
+inductor compile per run would cost far more than the run itself; agreement of the compiled path with eager is the
+backend tests' concern, not this suite's.
+
+Two modes (``tasks.py`` gives each task's settings and why): ``--device cpu --scale small`` (the default; what
+``benchmarks/results/quality.md`` and the README's longer CPU job run) and ``--device cuda --scale large`` (one H100;
+all four tasks x torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4 x 5 seeds in about 5 minutes; output stem
+``quality_gpu``, so the CPU results are not overwritten). On a GPU the timings synchronise the device around the
+forward/backward and the optimizer step, so ms/step is device time plus host time, not launch time alone.
+
+``--budget-s`` stops starting new runs once that many seconds have passed since the suite began; the report then
+covers only the (task, optimizer) pairs whose every seed finished (the runs of a pair cut short stay in the JSON under
+``incomplete_runs``), and the pairs skipped are printed and recorded under ``skipped``. After the first run of each
+task the suite prints a per-run time estimate for it.
 """
 from __future__ import annotations
 
@@ -27,7 +40,7 @@ import torch
 from lowbit_compile import optim as lbc_optim
 from lowbit_compile.demo import state_bytes
 
-from .tasks import TASKS, Task
+from .tasks import SCALES, TASKS, Task
 
 WEIGHT_DECAY = 0.01
 ADAM_BETAS = (0.9, 0.999)
@@ -40,9 +53,11 @@ class OptimizerChoice:
 
 
 def _shampoo(bits: int, **options):
-    def build(params, lr):
-        return lbc_optim.Shampoo(params, lr=lr, bits=bits, precondition_frequency=10, inverse_root_frequency=20,
-                                 grafting="adamw", betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, **options)
+    def build(params, lr, precondition_frequency=10, inverse_root_frequency=20):
+        return lbc_optim.Shampoo(params, lr=lr, bits=bits, precondition_frequency=precondition_frequency,
+                                 inverse_root_frequency=inverse_root_frequency, grafting="adamw", betas=ADAM_BETAS,
+                                 weight_decay=WEIGHT_DECAY, **options)
+    build.takes_refresh_periods = True  # train() passes the task's T1/T2 (Task.shampoo) as keywords
     return build
 
 
@@ -75,22 +90,39 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
 REFERENCE = "torch_adamw"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_optimizer(optimizer: str, params: list, task: Task) -> torch.optim.Optimizer:
+    """The optimizer of a run: the choice's build with the task's lr (and the task's Shampoo T1/T2 if it takes them)."""
+    build = OPTIMIZERS[optimizer].build
+    if getattr(build, "takes_refresh_periods", False):
+        return build(params, task.lr, **task.shampoo)
+    return build(params, task.lr)
+
+
 def train(task: Task, optimizer: str, seed: int, evaluations: int = 10) -> dict:
     """One run; returns its curves, final validation metrics, state bytes/param and median ms/step."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU generator the model is drawn from (and every CUDA generator)
     model = task.make_model()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = OPTIMIZERS[optimizer].build(params, task.lr)
+    opt = build_optimizer(optimizer, params, task)
     batches = torch.Generator().manual_seed(seed)
     eval_every = max(1, task.steps // evaluations)
+    device = task.device
     train_losses, val_curve, step_ms, opt_ms = [], [], [], []
     for step in range(task.steps):
         inputs, targets = task.train_batch(batches)
+        _sync(device)
         started = time.perf_counter()
         loss = task.loss(model, inputs, targets)
         loss.backward()
+        _sync(device)
         opt_started = time.perf_counter()
         opt.step()
+        _sync(device)
         finished = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         step_ms.append(1e3 * (finished - started))
@@ -108,14 +140,28 @@ def train(task: Task, optimizer: str, seed: int, evaluations: int = 10) -> dict:
                 train_losses=train_losses, val_curve=val_curve)
 
 
+def default_name(device: str, scale: str) -> str:
+    """quality (CPU, small), quality_gpu (GPU, large); any other pairing gets its own stem, so none overwrites."""
+    gpu = torch.device(device).type != "cpu"
+    native = "large" if gpu else "small"
+    return "quality" + ("_gpu" if gpu else "") + ("" if scale == native else f"_{scale}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="20 steps (tiny models at small scale): a smoke test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--scale", default="small", choices=SCALES,
+                        help="small: the CPU settings (default); large: the GPU settings (see tasks.py)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new run after this many seconds; report only the pairs whose seeds all ran")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--name", default="quality", help="file stem of the outputs under --out")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the outputs under --out (default: quality for CPU/small, quality_gpu for "
+                             "GPU/large, quality[_gpu]_<scale> otherwise)")
     parser.add_argument("--append", action="store_true",
                         help="add these runs to an existing <out>/<name>.json instead of starting a new one")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -126,7 +172,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag}: unknown {unknown}; choose from {list(known)}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.budget_s is not None and args.budget_s < 0:
+        parser.error(f"--budget-s must be >= 0, got {args.budget_s}")
+    if args.name is None:
+        args.name = default_name(args.device, args.scale)
     return args
+
+
+def environment(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        versions = dict(cuda=torch.version.cuda)
+    else:
+        import platform
+        name = platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+        except OSError:
+            pass
+        versions = {}
+    return dict(torch=torch.__version__, device=device.type, device_name=name, **versions, threads=args.threads,
+                quick=args.quick, eager=True, scale=args.scale, settings={})
+
+
+def _split_incomplete(runs: list[dict], planned: dict[tuple[str, str], int]) -> tuple[list[dict], list[dict]]:
+    """This invocation's runs split into those of pairs whose planned seeds all ran, and the rest."""
+    done: dict[tuple[str, str], int] = {}
+    for run in runs:
+        done[(run["task"], run["optimizer"])] = done.get((run["task"], run["optimizer"]), 0) + 1
+    incomplete = {key for key, seeds in planned.items() if done.get(key, 0) < seeds}
+    return ([r for r in runs if (r["task"], r["optimizer"]) not in incomplete],
+            [r for r in runs if (r["task"], r["optimizer"]) in incomplete])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,24 +222,68 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.name}.json"
-    payload = dict(environment=dict(torch=torch.__version__, device="cpu", threads=args.threads, quick=args.quick,
-                                    eager=True), optimizers={k: v.label for k, v in OPTIMIZERS.items()},
+    payload = dict(environment=environment(args), optimizers={k: v.label for k, v in OPTIMIZERS.items()},
                    reference=REFERENCE, tasks={}, runs=[])
     if args.append and json_path.exists():
-        payload = json.loads(json_path.read_text())
+        stored = json.loads(json_path.read_text())
+        mine, theirs = payload["environment"], stored["environment"]
+        for key, default in (("device", "cpu"), ("scale", "small"), ("quick", False)):
+            if theirs.get(key, default) != mine[key]:
+                sys.exit(f"--append: {json_path} holds {key}={theirs.get(key, default)!r} runs, this is "
+                         f"{key}={mine[key]!r}; give another --name")
+        theirs.setdefault("settings", {})
+        payload = stored
         payload["optimizers"].update({k: v.label for k, v in OPTIMIZERS.items()})
-    for task_name in args.tasks.split(","):
-        task = TASKS[task_name](args.quick)
+    task_names, optimizers = args.tasks.split(","), args.optimizers.split(",")
+    planned = {(t, o): args.seeds for t in task_names for o in optimizers}
+    started_suite = time.perf_counter()
+    skipped: list[dict] = []
+    stored_runs, new_runs = list(payload["runs"]), []
+
+    def out_of_budget() -> bool:
+        return args.budget_s is not None and time.perf_counter() - started_suite >= args.budget_s
+
+    for task_name in task_names:
+        if out_of_budget():
+            skipped += [dict(task=task_name, optimizer=o, seeds_done=0, seeds=args.seeds) for o in optimizers]
+            continue
+        task = TASKS[task_name](args.quick, args.device, args.scale)
         payload["tasks"][task_name] = dict(steps=task.steps, lr=task.lr, **task.data_info)
-        for optimizer in args.optimizers.split(","):
+        payload["environment"]["settings"][task_name] = task.settings
+        first_run = True
+        for optimizer in optimizers:
+            seeds_done = 0
             for seed in range(args.seeds):
+                if out_of_budget():
+                    break
                 started = time.perf_counter()
                 run = train(task, optimizer, seed)
+                elapsed = time.perf_counter() - started
+                run["wall_s"] = elapsed
                 payload["runs"].append(run)
+                new_runs.append(run)
+                seeds_done += 1
                 print(f"{task_name:12s} {optimizer:12s} seed {seed}: val loss {run['val_loss']:.4f} "
                       f"acc {run['val_acc'] if run['val_acc'] is not None else float('nan'):.4f} "
-                      f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+                      f"({elapsed:.1f} s)", file=sys.stderr, flush=True)
+                if first_run:
+                    first_run = False
+                    runs = len(optimizers) * args.seeds
+                    print(f"{task_name}: first run {elapsed:.1f} s ({run['step_ms']:.2f} ms/step, "
+                          f"{task.steps} steps) -> estimate ~{elapsed:.1f} s/run, {runs} runs ~{runs * elapsed:.0f} s "
+                          f"for this task (Shampoo runs take longer per step)", file=sys.stderr, flush=True)
                 json_path.write_text(json.dumps(payload))  # partial results survive an interrupted suite
+            if seeds_done < args.seeds:
+                skipped.append(dict(task=task_name, optimizer=optimizer, seeds_done=seeds_done, seeds=args.seeds))
+    complete, incomplete = _split_incomplete(new_runs, planned)
+    payload["runs"] = stored_runs + complete
+    if incomplete or skipped:
+        payload["incomplete_runs"] = payload.get("incomplete_runs", []) + incomplete
+        payload["skipped"] = payload.get("skipped", []) + skipped
+        print(f"budget of {args.budget_s} s used after {time.perf_counter() - started_suite:.1f} s; skipped "
+              f"(task, optimizer) pairs, left out of the report: "
+              + ", ".join(f"{s['task']}/{s['optimizer']} ({s['seeds_done']}/{s['seeds']} seeds ran)" for s in skipped),
+              file=sys.stderr, flush=True)
     report.write(payload, args.out, args.name)
     return payload
 

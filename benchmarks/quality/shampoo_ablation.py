@@ -129,14 +129,15 @@ def _round_while(opt, method_name: str, rotation: str) -> None:
 
 def _variant(fp32: tuple[str, ...] = (), rounded_in: tuple[str, ...] = (), rotation: str = "none",
              statistics_bjorck_steps: int | None = None):
-    def build(params, lr):
-        opt = suite._shampoo(4, eigenvector_rotation="none")(params, lr)
+    def build(params, lr, **refresh_periods):
+        opt = suite._shampoo(4, eigenvector_rotation="none")(params, lr, **refresh_periods)
         _keep_fp32(opt, fp32)
         for method_name in rounded_in:
             _round_while(opt, method_name, rotation)
         if statistics_bjorck_steps is not None:
             opt.statistics_bjorck_steps = statistics_bjorck_steps
         return opt
+    build.takes_refresh_periods = True  # the task's T1/T2, like the suite's own Shampoo choices
     return build
 
 
