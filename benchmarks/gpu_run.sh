@@ -56,7 +56,7 @@ for part in "$@"; do
                    python3 benchmarks/profile_steps.py --cases ${NCU_CASE:-adamw8} ;;
         quality) run quality "${QUALITY_S:-360}" python3 -m benchmarks.quality.run --device cuda --scale large \
                    --budget-s "${QUALITY_BUDGET_S:-300}" --out "$LOGS/results" \
-                   ${QUALITY_ARGS:---seeds 5 --optimizers torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4} ;;
+                   ${QUALITY_ARGS:---compile --seeds 5 --optimizers torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4} ;;
         efcp) run efcp "${EFCP_S:-240}" python3 benchmarks/efcp.py --out "$LOGS/results" --budget-s 180 --target-s 0.5 ;;
         *) echo "unknown part: $part" ;;
     esac

@@ -114,8 +114,10 @@ def markdown(payload: dict, rows: list[dict]) -> str:
     where = (f"{env['device_name']}, " if env.get("device_name") else "") + (
         f"CUDA {env['cuda']}, " if env.get("cuda") else "")
     lines = [title(env), "",
-             f"{where}torch {env['torch']}, {env['threads']} thread(s), optimizers run "
-             f"eagerly; reference for gaps: {payload['optimizers'][payload['reference']]}. Gap = (mean - ref mean) / "
+             f"{where}torch {env['torch']}, {env['threads']} thread(s), "
+             + (f"our first-order optimizers compiled (backend {env['compile_backend']}), the others eager"
+                if env.get("compile_backend") else "optimizers run eagerly")
+             + f"; reference for gaps: {payload['optimizers'][payload['reference']]}. Gap = (mean - ref mean) / "
              "pooled seed std, positive = worse.", ""]
     settings = env.get("settings", {})
     for task, info in payload["tasks"].items():

@@ -8,16 +8,20 @@ Each run starts from the seed's initial weights and sees the seed's batches in t
 Hyper-parameters are shared defaults, never tuned per optimizer: every AdamW variant (and Shampoo's AdamW grafting)
 uses the task's lr; Lion uses lr/10 with 10x the weight decay (the usual Lion conversion, constant lr * wd); SGD uses
 a fixed lr of 0.05 with momentum 0.9; EF-M-FAC takes the settings of the EFCP format study
-(benchmarks/results/efcp.quality.md). The learning rate is constant. Our optimizers run eagerly here, never through
-torch.compile (on the CPU their anchor ops' pure-torch paths, which are the reference codecs): on these small models an
-inductor compile per run would cost far more than the run itself; agreement of the compiled path with eager is the
-backend tests' concern, not this suite's.
+(benchmarks/results/efcp.quality.md). The learning rate is constant. Our optimizers run eagerly by default (on the CPU
+their anchor ops' pure-torch paths, which are the reference codecs): on small CPU models an inductor compile per run
+would cost far more than the run itself; agreement of the compiled path with eager is the backend tests' concern, not
+this suite's. With ``--compile`` our first-order optimizers (lowbit AdamW, SGD, Lion) step through
+``torch.compile(opt.step, backend="lowbit")``, compiled afresh per run: on a GPU their eager step launches each
+tensor's dequantize, rule and requantize separately (14 ms for 32-bit and 34 ms for 8-bit AdamW per step on the large
+char LM, H100), so the GPU mode needs it to fit its time budget. Shampoo, EF-M-FAC and torch's AdamW stay eager.
 
 Two modes (``tasks.py`` gives each task's settings and why): ``--device cpu --scale small`` (the default; what
 ``benchmarks/results/quality.md`` and the README's longer CPU job run) and ``--device cuda --scale large`` (one H100;
-all four tasks x torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4 x 5 seeds in about 5 minutes; output stem
-``quality_gpu``, so the CPU results are not overwritten). On a GPU the timings synchronise the device around the
-forward/backward and the optimizer step, so ms/step is device time plus host time, not launch time alone.
+output stem ``quality_gpu``, so the CPU results are not overwritten). A 1-seed calibration on the H100, eager, took
+~240 s over the four tasks x torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4, ~170 s of it in our eager
+first-order runs. On a GPU the timings synchronise the device around the forward/backward and the optimizer step, so
+ms/step is device time plus host time, not launch time alone.
 
 ``--budget-s`` stops starting new runs once that many seconds have passed since the suite began; the report then
 covers only the (task, optimizer) pairs whose every seed finished (the runs of a pair cut short stay in the JSON under
@@ -50,6 +54,7 @@ ADAM_BETAS = (0.9, 0.999)
 class OptimizerChoice:
     label: str
     build: Callable[[list, float], torch.optim.Optimizer]
+    compilable: bool = False  # an lbc.Optimizer rule: --compile runs its step through the lowbit backend
 
 
 def _shampoo(bits: int, **options):
@@ -65,15 +70,15 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     "torch_adamw": OptimizerChoice("torch AdamW fp32", lambda p, lr: torch.optim.AdamW(
         p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)),
     "adamw32": OptimizerChoice("lowbit AdamW 32-bit", lambda p, lr: lbc_optim.AdamW(
-        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=32)),
+        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=32), compilable=True),
     "adamw8": OptimizerChoice("lowbit AdamW 8-bit", lambda p, lr: lbc_optim.AdamW(
-        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=8)),
+        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=8), compilable=True),
     "adamw4": OptimizerChoice("lowbit AdamW 4-bit", lambda p, lr: lbc_optim.AdamW(
-        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=4)),
+        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=4), compilable=True),
     "sgd8": OptimizerChoice("lowbit SGD-momentum 8-bit", lambda p, lr: lbc_optim.SGD(
-        p, lr=0.05, momentum=0.9, bits=8)),
+        p, lr=0.05, momentum=0.9, bits=8), compilable=True),
     "lion8": OptimizerChoice("lowbit Lion 8-bit", lambda p, lr: lbc_optim.Lion(
-        p, lr=lr / 10, betas=(0.9, 0.99), weight_decay=10 * WEIGHT_DECAY, bits=8)),
+        p, lr=lr / 10, betas=(0.9, 0.99), weight_decay=10 * WEIGHT_DECAY, bits=8), compilable=True),
     "shampoo32": OptimizerChoice("Shampoo 32-bit", _shampoo(32)),
     "shampoo4": OptimizerChoice("Shampoo 4-bit", _shampoo(4)),
     "shampoo4_sr": OptimizerChoice("Shampoo 4-bit, stochastic eigenvector rounding",
@@ -103,12 +108,20 @@ def build_optimizer(optimizer: str, params: list, task: Task) -> torch.optim.Opt
     return build(params, task.lr)
 
 
-def train(task: Task, optimizer: str, seed: int, evaluations: int = 10) -> dict:
-    """One run; returns its curves, final validation metrics, state bytes/param and median ms/step."""
+def train(task: Task, optimizer: str, seed: int, evaluations: int = 10, compile_backend: str | None = None) -> dict:
+    """One run; returns its curves, final validation metrics, state bytes/param and median ms/step (the first step,
+    which compiles, left out). With ``compile_backend``, a compilable choice steps through
+    ``torch.compile(opt.step, backend=compile_backend)``, compiled afresh for the run."""
     torch.manual_seed(seed)  # seeds the CPU generator the model is drawn from (and every CUDA generator)
     model = task.make_model()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(optimizer, params, task)
+    compiled = compile_backend is not None and OPTIMIZERS[optimizer].compilable
+    if compiled:
+        # A new optimizer object fails the previous run's guards: without a reset the runs would pile up recompiles
+        # of one code object until Dynamo's limit and then step eagerly.
+        torch._dynamo.reset()
+    step_fn = torch.compile(opt.step, backend=compile_backend) if compiled else opt.step
     batches = torch.Generator().manual_seed(seed)
     eval_every = max(1, task.steps // evaluations)
     device = task.device
@@ -121,7 +134,7 @@ def train(task: Task, optimizer: str, seed: int, evaluations: int = 10) -> dict:
         loss.backward()
         _sync(device)
         opt_started = time.perf_counter()
-        opt.step()
+        step_fn()
         _sync(device)
         finished = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -133,7 +146,7 @@ def train(task: Task, optimizer: str, seed: int, evaluations: int = 10) -> dict:
             val_curve.append((step + 1, val_loss, val_acc))
     _, val_loss, val_acc = val_curve[-1]
     return dict(task=task.name, optimizer=optimizer, seed=seed, steps=task.steps, val_loss=val_loss, val_acc=val_acc,
-                finite=all(map(lambda v: v == v and abs(v) != float("inf"), train_losses)),
+                compiled=compiled, finite=all(map(lambda v: v == v and abs(v) != float("inf"), train_losses)),
                 state_bytes_per_param=state_bytes(opt) / sum(p.numel() for p in params),
                 parameters=sum(p.numel() for p in params),
                 step_ms=statistics.median(step_ms[1:] or step_ms), opt_step_ms=statistics.median(opt_ms[1:] or opt_ms),
@@ -156,6 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--scale", default="small", choices=SCALES,
                         help="small: the CPU settings (default); large: the GPU settings (see tasks.py)")
+    parser.add_argument("--compile", nargs="?", const="lowbit", default=None, metavar="BACKEND",
+                        help="step our first-order optimizers (lowbit AdamW, SGD, Lion) through torch.compile with "
+                             "this backend (default lowbit); Shampoo, EF-M-FAC and torch's AdamW stay eager")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new run after this many seconds; report only the pairs whose seeds all ran")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -202,7 +218,8 @@ def environment(args: argparse.Namespace) -> dict:
             pass
         versions = {}
     return dict(torch=torch.__version__, device=device.type, device_name=name, **versions, threads=args.threads,
-                quick=args.quick, eager=True, scale=args.scale, settings={})
+                quick=args.quick, eager=args.compile is None, compile_backend=args.compile, scale=args.scale,
+                settings={})
 
 
 def _split_incomplete(runs: list[dict], planned: dict[tuple[str, str], int]) -> tuple[list[dict], list[dict]]:
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.append and json_path.exists():
         stored = json.loads(json_path.read_text())
         mine, theirs = payload["environment"], stored["environment"]
-        for key, default in (("device", "cpu"), ("scale", "small"), ("quick", False)):
+        for key, default in (("device", "cpu"), ("scale", "small"), ("quick", False), ("compile_backend", None)):
             if theirs.get(key, default) != mine[key]:
                 sys.exit(f"--append: {json_path} holds {key}={theirs.get(key, default)!r} runs, this is "
                          f"{key}={mine[key]!r}; give another --name")
@@ -257,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if out_of_budget():
                     break
                 started = time.perf_counter()
-                run = train(task, optimizer, seed)
+                run = train(task, optimizer, seed, compile_backend=args.compile)
                 elapsed = time.perf_counter() - started
                 run["wall_s"] = elapsed
                 payload["runs"].append(run)
