@@ -9,9 +9,7 @@ warm-up (``step_time.time_calls``).
 Variants replace, in the generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
 ``nomid``: the 8-bit encoder's boundary lookup (the candidate code is kept); ``nogather``: both; ``trivenc``: the
 whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both; ``analytic4`` (4-bit only, exact): the
-dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search;
-``noprefetch``: each tile's loads issued in its own iteration (``fused_update.PREFETCH_NEXT_TILE`` off);
-``stages2``/``stages3``: that loop written ``tl.range(TILES, num_stages=N)`` (Triton's software pipeliner). Stand-ins
+dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search. Stand-ins
 give wrong state values: the point is the time, against the same memory traffic (params, grads, codes and scales
 read and written as in the real kernel).
 Launch shapes are ``ELEMENTSxWARPSxTILES[xREGISTERS]`` (tile elements, warps, tiles per program, register cap;
@@ -72,9 +70,6 @@ def encode_trivially(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr,
 
 _STAND_INS = {
     "base": [],
-    "noprefetch": [],
-    "stages2": [("for sub in range(TILES):", "for sub in tl.range(TILES, num_stages=2):")],
-    "stages3": [("for sub in range(TILES):", "for sub in tl.range(TILES, num_stages=3):")],
     "nodecode": [("codecs.decode(", "ablation.decode_without_lookup(")],
     "nomid": [("codecs.encode(", "ablation.encode_without_boundary_lookup(")],
     "nogather": [("codecs.decode(", "ablation.decode_without_lookup("),
@@ -83,7 +78,6 @@ _STAND_INS = {
     "trivall": [("codecs.decode(", "ablation.decode_without_lookup("), ("codecs.encode(", "ablation.encode_trivially(")],
     "analytic4": [("codecs.encode(", "ablation.encode_analytic4(")],
 }
-_WITHOUT_PREFETCH = {"noprefetch", "stages2", "stages3"}  # the tile loop as it is without loading a tile ahead
 _EIGHT_BIT_ONLY = {"nomid", "nogather"}
 _FOUR_BIT_ONLY = {"analytic4"}
 
@@ -114,8 +108,7 @@ def time_variant(spec_text: str, variant: str, shape, device: torch.device,
     render = FU.render_source
 
     def patched(spec):
-        prefetch = False if variant in _WITHOUT_PREFETCH else None
-        source = render(spec, prefetch=prefetch).replace("from lowbit_compile.templates import codecs",
+        source = render(spec).replace("from lowbit_compile.templates import codecs",
                                       "from lowbit_compile.templates import codecs\n"
                                       "from benchmarks import fused_ablation as ablation")
         for old, new in _STAND_INS[variant]:
@@ -167,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for bits in map(int, args.bits.split(",")):
         spec = adamw_spec(bits, device)
         for variant in args.variants.split(","):
-            if variant != "base" and variant not in _WITHOUT_PREFETCH and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
+            if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
                                       or (variant in _FOUR_BIT_ONLY and bits != 4)):
                 continue  # nothing to replace, or a stand-in for a part this width does not have
             for shape in shapes:

@@ -300,21 +300,19 @@ def _referenced(name: str, text: str) -> bool:
 
 @dataclasses.dataclass
 class _Source:
-    """Kernel body lines: ``prologue`` runs once per program; per tile, ``fetch`` (the tile's addresses and its
-    loads, each line ``name = expression``) and then ``loop`` (decode, body, encode, stores)."""
+    """Kernel body lines: ``prologue`` runs once per program, ``loop`` once per tile."""
 
     prologue: list[str]
-    fetch: list[str]
     loop: list[str]
 
 
 def _quantized_pointers(src: _Source, name: str, fmt: Quantized, tab: str) -> None:
     """The tile's blocks of a quantized role: row index, which rows exist, codes and scales pointers."""
-    if any(line.startswith(f"{name}_rows =") for line in src.fetch):
+    if any(line.startswith(f"{name}_rows =") for line in src.loop):
         return
     b = fmt.block
-    src.fetch += [f"{name}_rows = tl.arange(0, TILE // {b})",
-                  f"{name}_row_ok = {name}_rows < (left + {b - 1}) // {b}"]
+    src.loop += [f"{name}_rows = tl.arange(0, TILE // {b})",
+                 f"{name}_row_ok = {name}_rows < (left + {b - 1}) // {b}"]
     _table_pointer(src, f"{name}_codes_ptr", f"{tab}_codes", "tl.uint8", f"start // {8 // fmt.bits}")
     _table_pointer(src, f"{name}_scale_ptr", f"{tab}_scales", "tl.float32", f"start // {b}")
 
@@ -327,7 +325,7 @@ def _table_pointer(src: _Source, name: str, table: str, dtype: str, offset: str)
     src.prologue += [f"{name}_base = tl.load({table} + t).to(tl.pointer_type({dtype}))",
                      "if ALIGNED:",
                      f"    {name}_base = tl.multiple_of({name}_base, 16)"]
-    src.fetch.append(f"{name} = {name}_base + {offset}")
+    src.loop.append(f"{name} = {name}_base + {offset}")
 
 
 def _code_offsets(name: str, fmt: Quantized) -> str:
@@ -339,13 +337,9 @@ def _load_quantized(src: _Source, name: str, fmt: Quantized, tab: str) -> None:
     """Decode the tile's blocks of a quantized role into ``name`` ([ROWS, COLS] fp32)."""
     _quantized_pointers(src, name, fmt, tab)
     codes = (f"tl.load({name}_codes_ptr + {_code_offsets(name, fmt)}, mask={name}_row_ok[:, None], other=0)")
-    src.fetch += [
-        f"{name}_scale = tl.load({name}_scale_ptr + {name}_rows, mask={name}_row_ok, other=0.0)",
-        f"{name}_packed = {codes}",
-    ]
     src.loop += [
-        f"{name}_codes = " + (f"{name}_packed.to(tl.int32)" if fmt.bits == 8
-                              else f"codecs.unpack_nibbles({name}_packed)"),
+        f"{name}_scale = tl.load({name}_scale_ptr + {name}_rows, mask={name}_row_ok, other=0.0)",
+        f"{name}_codes = " + (f"{codes}.to(tl.int32)" if fmt.bits == 8 else f"codecs.unpack_nibbles({codes})"),
         f"{name} = tl.reshape(codecs.decode({name}_codes, {name}_scale, {tab}_codebook), [ROWS, COLS])",
     ]
 
@@ -365,43 +359,14 @@ def _store_quantized(src: _Source, name: str, value: str, fmt: Quantized, tab: s
     ]
 
 
-# Whether a program loads tile k + 1 before it computes tile k (see ``_prefetched_loop``).
-PREFETCH_NEXT_TILE = True
-
-
-def render_source(spec: KernelSpec, prefetch: bool | None = None) -> str:
-    """Triton source of the kernel for ``spec`` (a module defining ``fused_update_kernel``); ``prefetch``:
-    ``PREFETCH_NEXT_TILE`` when None."""
+def render_source(spec: KernelSpec) -> str:
+    """Triton source of the kernel for ``spec`` (a module defining ``fused_update_kernel``)."""
     # The pass may run under a fake-tensor mode; the codebook constants are real tensors.
     with unset_fake_temporarily():
-        return _render_source(spec, PREFETCH_NEXT_TILE if prefetch is None else prefetch)
+        return _render_source(spec)
 
 
-def _prefetched_loop(fetch: list[str], loop: list[str]) -> tuple[list[str], list[str]]:
-    """(prologue lines, loop lines) of a tile loop whose loads run one tile ahead: tile 0 is loaded before the
-    loop; each iteration loads tile ``sub + 1`` into ``*_next`` names before computing tile ``sub``, and hands them
-    on at its end. A program's loads are then in flight while it decodes and encodes the previous tile, instead of
-    every tile's compute waiting for its own loads. Only loaded values are carried from one iteration to the next
-    (addresses and masks are recomputed: cheaper than registers). The load past a program's last tile is fully
-    masked (``left`` = 0), so it moves no memory."""
-    names = [line.split(" = ", 1)[0] for line in fetch]
-    loaded = [name for name, line in zip(names, fetch) if re.search(r"\b(tl\.load|_load_tile)\(", line)]
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-    ahead = []
-    for name, line in zip(names, fetch):
-        expression = line.split(" = ", 1)[1]
-        if name == "start":
-            expression = expression.replace("(first + sub)", "(first + sub + 1)")
-        expression = pattern.sub(r"\1_next", expression)
-        if name == "left":
-            expression = f"tl.where(sub + 1 < TILES, {expression}, 0)"
-        ahead.append(f"{name}_next = {expression}")
-    first = [line.replace("(first + sub)", "first") for line in fetch]
-    addresses = [line for name, line in zip(names, fetch) if name not in loaded]
-    return first, addresses + ahead + loop + [f"{name} = {name}_next" for name in loaded]
-
-
-def _render_source(spec: KernelSpec, prefetch: bool) -> str:
+def _render_source(spec: KernelSpec) -> str:
     args = ["program_tensor", "program_start", "numels"]
     for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
         for i, role in enumerate(roles):
@@ -432,7 +397,7 @@ def _render_source(spec: KernelSpec, prefetch: bool) -> str:
         "left = tl.maximum(tl.minimum(numel - start, TILE), 0).to(tl.int32)",
         "full = left == TILE",
         "inb = local < left",
-    ], [])
+    ])
     lines = src.loop
     for i in range(len(spec.scalars)):
         if _referenced(f"s{i}", used):
@@ -445,7 +410,7 @@ def _render_source(spec: KernelSpec, prefetch: bool) -> str:
             if not _referenced(name, used):
                 continue
             if fmt is None:
-                src.fetch.append(f"{name} = _load_tile({name}_ptr, local, inb, full)")
+                lines.append(f"{name} = _load_tile({name}_ptr, local, inb, full)")
             else:
                 _load_quantized(src, name, fmt, tab)
     lines += list(spec.body)
@@ -471,11 +436,6 @@ def _render_source(spec: KernelSpec, prefetch: bool) -> str:
             f"part{k} = tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1).to({tl_dtype(acc)})",
             f"tl.atomic_add(acc{index}_ptr + tl.zeros([ROWS], tl.int32), part{k}, mask=part{k} != 0)",
         ]
-    if prefetch:
-        first, lines = _prefetched_loop(src.fetch, lines)
-        prologue += first
-    else:
-        lines[:0] = src.fetch
     body = "\n".join("    " + line for line in prologue + ["for sub in range(TILES):"])
     body += "\n" + "\n".join("        " + line for line in lines)
     header = "\n".join(f"# {line}" for line in spec.to_string().splitlines())
