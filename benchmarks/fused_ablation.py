@@ -9,7 +9,9 @@ warm-up (``step_time.time_calls``).
 Variants replace, in the generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
 ``nomid``: the 8-bit encoder's boundary lookup (the candidate code is kept); ``nogather``: both; ``trivenc``: the
 whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both; ``analytic4`` (4-bit only, exact): the
-dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search. Stand-ins
+dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search; ``table1/2``, ``table1/8``
+(8-bit): the decode's and the encoder's lookups with their index shifted right by 1 / 3 bits, so a warp's 32
+scattered lookups touch fewer cache lines of the 1 KB tables. Stand-ins
 give wrong state values: the point is the time, against the same memory traffic (params, grads, codes and scales
 read and written as in the real kernel).
 Launch shapes are ``ELEMENTSxWARPSxTILES[xREGISTERS]`` (tile elements, warps, tiles per program, register cap;
@@ -63,6 +65,21 @@ def encode_analytic4(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr,
 
 
 @triton.jit
+def decode_narrow_table(codes, scale, codebook_ptr, SHIFT: tl.constexpr):
+    """The decode's lookup with its index shifted right: every lookup lands in the first 1 / 2**SHIFT of the table."""
+    return C.table_lookup(codebook_ptr, codes >> SHIFT) * scale[:, None]
+
+
+@triton.jit
+def encode_narrow_table(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr,
+                        SHIFT: tl.constexpr):
+    """The 8-bit dynamic encoder with its boundary lookup's index shifted right (as ``decode_narrow_table``)."""
+    y = C._divide_rows(x, scale)
+    code = C.dynamic_candidate(y, BITS, SIGNED)
+    return code - (y <= C.table_lookup(lower_ptr, code >> SHIFT)).to(tl.int32)
+
+
+@triton.jit
 def encode_trivially(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: tl.constexpr):
     y = C._divide_rows(x, scale)
     return tl.minimum(tl.maximum((y * 127.0 + 128.0).to(tl.int32), 0), 255)
@@ -77,8 +94,14 @@ _STAND_INS = {
     "trivenc": [("codecs.encode(", "ablation.encode_trivially(")],
     "trivall": [("codecs.decode(", "ablation.decode_without_lookup("), ("codecs.encode(", "ablation.encode_trivially(")],
     "analytic4": [("codecs.encode(", "ablation.encode_analytic4(")],
+    # Same lookups, narrower tables (probes of the L1 cost of a warp's scattered lookups, which grows with the number
+    # of distinct cache lines they touch).
+    "table1/2": [("codecs.decode(", "ablation.decode_narrow_table("), ("codecs.encode(", "ablation.encode_narrow_table("),
+                 ("_codebook)", "_codebook, 1)"), ("8, 0, False)", "8, 0, False, 1)"), ("8, 0, True)", "8, 0, True, 1)")],
+    "table1/8": [("codecs.decode(", "ablation.decode_narrow_table("), ("codecs.encode(", "ablation.encode_narrow_table("),
+                 ("_codebook)", "_codebook, 3)"), ("8, 0, False)", "8, 0, False, 3)"), ("8, 0, True)", "8, 0, True, 3)")],
 }
-_EIGHT_BIT_ONLY = {"nomid", "nogather"}
+_EIGHT_BIT_ONLY = {"nomid", "nogather", "table1/2", "table1/8"}
 _FOUR_BIT_ONLY = {"analytic4"}
 
 
@@ -151,32 +174,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bits", default="8,4,32", help="comma-separated AdamW state widths")
     parser.add_argument("--variants", default=",".join(_STAND_INS))
     parser.add_argument("--shapes", default="1024x4x1,1024x4x8", help="comma-separated ELEMENTSxWARPSxTILES[xREGISTERS]")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every row this many times, rounds interleaved (drift hits all rows alike); the "
+                             "table reports the median over rounds and the range")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     numel, count = (1000, 2) if args.cpu_smoke else (4096 * 4096, 16)
     from lowbit_compile.templates.fused_update import LaunchShape
     shapes = [LaunchShape.parse(item) for item in args.shapes.split(",")]
+    specs = {bits: adamw_spec(bits, device) for bits in map(int, args.bits.split(","))}
+    timings = []
+    for round_index in range(args.rounds):
+        for bits, spec in specs.items():
+            for variant in args.variants.split(","):
+                if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
+                                          or (variant in _FOUR_BIT_ONLY and bits != 4)):
+                    continue  # nothing to replace, or a stand-in for a part this width does not have
+                for shape in shapes:
+                    timing = dict(bits=bits, round=round_index,
+                                  **time_variant(spec, variant, shape, device, numel, count))
+                    timings.append(timing)
+                    print(json.dumps(timing), flush=True)
     rows = []
-    for bits in map(int, args.bits.split(",")):
-        spec = adamw_spec(bits, device)
-        for variant in args.variants.split(","):
-            if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
-                                      or (variant in _FOUR_BIT_ONLY and bits != 4)):
-                continue  # nothing to replace, or a stand-in for a part this width does not have
-            for shape in shapes:
-                row = dict(bits=bits, **time_variant(spec, variant, shape, device, numel, count))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for key in dict.fromkeys((t["bits"], t["variant"], t["shape"]) for t in timings):
+        mine = [t for t in timings if (t["bits"], t["variant"], t["shape"]) == key]
+        ms = statistics.median(t["ms"] for t in mine)
+        rows.append(dict(mine[0], ms=ms, ms_per_1g=ms * 1e9 / (numel * count), gbs=mine[0]["gbs"] * mine[0]["ms"] / ms,
+                         rounds=[t["ms"] for t in mine]))
+        del rows[-1]["round"]
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), numel=numel * count)
+    meta["rounds"] = args.rounds
     (args.out / "fused_ablation.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Fused AdamW kernel ablation — {name}", "", f"torch {meta['torch']}, triton {meta['triton']}; "
              f"{meta['date']}; {numel * count:,} fp32 params. Stand-ins: see benchmarks/fused_ablation.py.", "",
-             "| bits | variant | launch shape | ms | ms per 1G params | GB/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['bits']} | {r['variant']} | {r['shape']} | {r['ms']:.3f} | {r['ms_per_1g']:.2f} | {r['gbs']:.0f} |"
-              for r in rows]
+             f"Rounds: {args.rounds} (ms: median over rounds; range: fastest - slowest round).", "",
+             "| bits | variant | launch shape | ms | range | ms per 1G params | GB/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['variant']} | {r['shape']} | {r['ms']:.3f} | {min(r['rounds']):.3f} - "
+              f"{max(r['rounds']):.3f} | {r['ms_per_1g']:.2f} | {r['gbs']:.0f} |" for r in rows]
     (args.out / "fused_ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

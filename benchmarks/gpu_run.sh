@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests step codecs      # parts, in the order given
 #
 # Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo, quality
-# (the quality suite's GPU mode, benchmarks/quality/run.py --device cuda --scale large; mnist1d travels as a wheel),
+# (the quality suite's GPU mode, benchmarks/quality/run.py --device cuda --scale large, QUALITY_ARGS; mnist1d travels
+# as a wheel; QUALITY_OUT=benchmarks/results with --append in QUALITY_ARGS adds to the carried results),
 # efcp, ablation (benchmarks/fused_ablation.py, ABLATION_ARGS), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
 # compiles per block order), profile (benchmarks/profile_steps.py, PROFILE_ARGS), ncu (Nsight Compute sections of
 # one launch of the fused update kernel in profile_steps' NCU_CASE).
@@ -55,7 +56,7 @@ for part in "$@"; do
                    --section LaunchStats --section Occupancy --section SchedulerStats \
                    python3 benchmarks/profile_steps.py --cases ${NCU_CASE:-adamw8} ;;
         quality) run quality "${QUALITY_S:-360}" python3 -m benchmarks.quality.run --device cuda --scale large \
-                   --budget-s "${QUALITY_BUDGET_S:-300}" --out "$LOGS/results" \
+                   --budget-s "${QUALITY_BUDGET_S:-300}" --out "${QUALITY_OUT:-$LOGS/results}" \
                    ${QUALITY_ARGS:---compile --seeds 5 --optimizers torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4} ;;
         efcp) run efcp "${EFCP_S:-240}" python3 benchmarks/efcp.py --out "$LOGS/results" --budget-s 180 --target-s 0.5 ;;
         *) echo "unknown part: $part" ;;

@@ -69,6 +69,10 @@ def _shampoo(bits: int, **options):
 OPTIMIZERS: dict[str, OptimizerChoice] = {
     "torch_adamw": OptimizerChoice("torch AdamW fp32", lambda p, lr: torch.optim.AdamW(
         p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)),
+    # The same update in torch's fused (one-kernel) implementation: a control for how far runs that differ only in
+    # floating-point rounding drift apart on a GPU (not a reference: the gaps are measured against torch_adamw).
+    "torch_adamw_fused": OptimizerChoice("torch AdamW fp32, fused=True", lambda p, lr: torch.optim.AdamW(
+        p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, fused=True)),
     "adamw32": OptimizerChoice("lowbit AdamW 32-bit", lambda p, lr: lbc_optim.AdamW(
         p, lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, bits=32), compilable=True),
     "adamw8": OptimizerChoice("lowbit AdamW 8-bit", lambda p, lr: lbc_optim.AdamW(

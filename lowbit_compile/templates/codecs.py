@@ -252,7 +252,7 @@ def encode(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr, SIGNED: t
     # The cheapest exact encoder per map, by instruction count of the compiled sm_90 kernels: analytic for the
     # 8-bit dynamic maps, closed form for the linear map, a 4-step search for the other 4-bit maps. (The analytic
     # candidate plus one lookup is exact for the 4-bit dynamic maps too, but timed no faster on the H100 in any launch
-    # shape and slower in register-capped ones: benchmarks/results/fused_ablation.md, variant analytic4.)
+    # shape and slower in register-capped ones: benchmarks/results/fused_ablation.run2.md, variant analytic4.)
     if MAP == _DYNAMIC and BITS == 8:
         code = _encode_dynamic(y, lower_ptr, BITS, SIGNED)
     elif MAP == _LINEAR:

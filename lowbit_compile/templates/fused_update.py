@@ -265,19 +265,22 @@ class LaunchShape:
 
 
 # GPU launch shape per narrowest state width of a spec (8, 4, or 32 when no state is quantized).
-# 8 bits, 1024 elements / 4 warps: offline sm_90 compiles of the 8-bit AdamW kernel give (elements/warps: registers,
-# SASS instructions per element) 1024/4: 94, 175; 2048/4: 165, 156; 2048/8: 102, 177; on the H100
-# (benchmarks/results/fused_ablation.exploratory.md) 1024/4 timed best, ahead of 512/4, 2048/8 and 1024/8; it keeps
-# one 256-element row per warp, so block maxima are warp reductions.
-# 4 bits, 512 elements / 4 warps: the 4-bit AdamW kernel needs 128 registers per thread at 1024/4 (25% occupancy)
-# and 64 at 512/4 (offline sm_90 compile, benchmarks/results/sass_counts.exploratory.md): one 128-element block per
-# warp, 4 per thread, the layout of a 16-byte fp32 store, so the parameter store needs no shared-memory shuffle.
-# H100, 16 x 4096^2 fp32 params: 6.52 ms per 1G params at 512/4 against 8.37 at 1024/4
-# (benchmarks/results/fused_ablation.run1.exploratory.md, rows search4).
+# 8 bits, 512 elements / 2 warps: one 256-element block per warp (block maxima are warp reductions), 8 elements per
+# thread, 79 registers (offline sm_90 compile of the 8-bit AdamW kernel, benchmarks/results/sass_counts.exploratory.md).
+# 1024/4 has the same per-thread layout; on the H100, 16 x 4096^2 fp32 params, 5 interleaved rounds
+# (benchmarks/results/fused_ablation.md) 512/2 took 7.38 against 7.55 ms per 1G params (median; faster in 4 of 5
+# rounds); earlier single-round runs had it at -7% and +1% (fused_ablation.prefetch.exploratory.md, .run2.md).
+# 2048/8 and 1024/8 were slower (fused_ablation.exploratory.md). A register cap of 72 timed 7.23 but spills.
+# 4 bits, 512 elements / 4 warps, at most 48 registers: one 128-element block per warp, 4 per thread, the layout of a
+# 16-byte fp32 store, so the parameter store needs no shared-memory shuffle. Uncapped the 4-bit AdamW kernel takes 64
+# registers (50% occupancy), at 48 it does not spill (62.5%); 6.63 against 6.95 ms per 1G params (median of 5
+# rounds, faster in 4 of 5; fused_ablation.md; the earlier run2.md had a cap of 56 at 6.51 against 6.85). A kernel
+# that would spill under the cap (a rule with more state) runs uncapped: see ``FusedUpdateKernel.launch``. At 1024/4
+# it needs 128 registers (25% occupancy): 8.37 against 6.52 (fused_ablation.run1.exploratory.md).
 # 8 tiles per program: a program first chases the launch tables (tensor index, element count, data pointers:
 # dependent loads), which the tiles of one tensor then share: 8 tiles against 1 took 7.71 against 9.83 ms for 8-bit
 # AdamW on 64 x 4096^2 fp32 params (benchmarks/results/step_time.md as of commit e9a5ec0, tile sweep).
-GPU_LAUNCH_SHAPES = {8: LaunchShape(1024, 4, 8), 4: LaunchShape(512, 4, 8), 32: LaunchShape(1024, 4, 8)}
+GPU_LAUNCH_SHAPES = {8: LaunchShape(512, 2, 8), 4: LaunchShape(512, 4, 8, 48), 32: LaunchShape(1024, 4, 8)}
 # The interpreter runs a program's lanes as numpy arrays: fewer, larger programs are faster.
 INTERPRETER_TILE_ELEMENTS = 4096
 INTERPRETER_TILES_PER_PROGRAM = 1
@@ -475,6 +478,7 @@ class FusedUpdateKernel:
         self.in_slots = spec.slots(spec.inputs)
         self.mut_slots = spec.slots(spec.mutated)
         self._tables: dict[tuple, TableSet] = {}
+        self._spilling_shapes: set[TileShape] = set()
 
     # Pointer tables are kept for as long as the kernel lives: CUDA graphs replay with the addresses they captured.
     MAX_TABLE_SETS = 4096
@@ -620,11 +624,16 @@ class FusedUpdateKernel:
         if seed is not None:
             args.append(seed)
         shape = tile_shape(spec, device.type)
-        options = {} if shape.max_registers is None else {"maxnreg": shape.max_registers}
+        capped = shape.max_registers is not None and shape not in self._spilling_shapes
+        options = {"maxnreg": shape.max_registers} if capped else {}
         with _quiet_interpreter(interpreting):
-            self.kernel[(tables.program_tensor.numel(),)](*args, ROWS=shape.rows, COLS=shape.cols,
-                                                       TILES=shape.tiles_per_program, ALIGNED=tables.aligned,
-                                                       num_warps=shape.num_warps, **options)
+            compiled = self.kernel[(tables.program_tensor.numel(),)](
+                *args, ROWS=shape.rows, COLS=shape.cols, TILES=shape.tiles_per_program, ALIGNED=tables.aligned,
+                num_warps=shape.num_warps, **options)
+        if capped and getattr(compiled, "n_spills", 0) > 0:
+            # The cap suits the built-in rules; a larger one spills under it: launch it uncapped from now on (this
+            # launch's result is right either way, spilling only costs time).
+            self._spilling_shapes.add(shape)
         if seed is not None:
             seed.add_(1)
 
