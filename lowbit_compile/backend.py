@@ -7,8 +7,8 @@ gives CUDA graphs); options named ``lowbit.*`` configure the pass:
 
 * ``lowbit.stochastic_rounding`` (bool, default False): bf16 parameters/states written with stochastic rounding.
 
-Inductor's ``size_asserts`` default to off here (``DEFAULT_INDUCTOR_OPTIONS``; ``options={"size_asserts": True}``
-turns them back on).
+Inductor's options default to ``DEFAULT_INDUCTOR_OPTIONS`` here (size asserts off, side-by-side fusion of nodes that
+share no input on); ``options={"size_asserts": True}`` and the like override them.
 
 On a CPU without ``TRITON_INTERPRET=1`` (no Triton backend there) the anchors are decomposed into ATen before
 inductor sees the graph, so inductor's C++ fuses dequantize -> rule -> requantize itself; under the interpreter the
@@ -33,7 +33,12 @@ PASS_OPTIONS = {"stochastic_rounding": bool}
 # stride asserts then cost more host time per step than the launches (~0.6 µs a tensor, ~0.4 ms for the GPT-2 list,
 # H100, benchmarks/results/profile_steps.exploratory.md run 2). Dynamo's guards already check each input's sizes and
 # strides before the graph runs.
-DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False}
+# aggressive_fusion and score_fusion_memory_threshold 0: a step's 0-d hyperparameter math (step counter, bias
+# corrections, 1 - beta, 1 - lr * wd) is a handful of nodes that share no input, and inductor's Triton scheduler
+# fuses nodes side by side only when they share reads: an AdamW step ran 4 one-element kernels besides its fused
+# updates on the H100, with these settings 1 (the C++ backend fused them already). Shampoo's compiled step timed the
+# same with and without (H100, one A/B run).
+DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False, "aggressive_fusion": True, "score_fusion_memory_threshold": 0}
 
 
 def _split_options(options: dict | None) -> tuple[dict, dict]:

@@ -77,3 +77,26 @@ def test_default_register_cap_does_not_spill_for_builtin_four_bit_rules():
                    if fused_update.tile_shape(k.spec, "cuda").max_registers is not None]
         assert kernels, "no register-capped kernel ran"
         assert all(not k._spilling_shapes for k in kernels), [k.spec for k in kernels]
+
+
+def test_step_runs_one_kernel_per_state_layout_plus_one_for_the_scalars():
+    """An 8-bit AdamW step over large (quantized) and small (fp32-state) tensors: one fused kernel per state layout
+    and one kernel for all the 0-d math (step counter, bias corrections), nothing else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowbit_compile import optim
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (8192, 8192, 100, 50)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = optim.AdamW(params, lr=1e-3, weight_decay=0.01, bits=8)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="lowbit")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert sorted(kernels).count("fused_update_kernel") == 2, kernels
+    assert len(kernels) == 3, kernels
