@@ -266,11 +266,11 @@ class LaunchShape:
 
 # GPU launch shape per narrowest state width of a spec (8, 4, or 32 when no state is quantized).
 # 8 bits, 512 elements / 2 warps: one 256-element block per warp (block maxima are warp reductions), 8 elements per
-# thread, 79 registers (offline sm_90 compile of the 8-bit AdamW kernel, benchmarks/results/sass_counts.exploratory.md).
+# thread, 80 registers (offline sm_90 compile of the 8-bit AdamW kernel, benchmarks/results/sass_counts.exploratory.md).
 # 1024/4 has the same per-thread layout; on the H100, 16 x 4096^2 fp32 params, 5 interleaved rounds
 # (benchmarks/results/fused_ablation.md) 512/2 took 7.38 against 7.55 ms per 1G params (median; faster in 4 of 5
 # rounds); earlier single-round runs had it at -7% and +1% (fused_ablation.prefetch.exploratory.md, .run2.md).
-# 2048/8 and 1024/8 were slower (fused_ablation.exploratory.md). A register cap of 72 timed 7.23 but spills.
+# 2048/8 and 1024/8 were slower (fused_ablation.exploratory.md). A register cap of 72 timed 7.23 but spills 24 bytes.
 # 4 bits, 512 elements / 4 warps, at most 48 registers: one 128-element block per warp, 4 per thread, the layout of a
 # 16-byte fp32 store, so the parameter store needs no shared-memory shuffle. Uncapped the 4-bit AdamW kernel takes 64
 # registers (50% occupancy), at 48 it does not spill (62.5%); 6.63 against 6.95 ms per 1G params (median of 5
