@@ -18,9 +18,9 @@ char LM, H100), so the GPU mode needs it to fit its time budget. Shampoo, EF-M-F
 
 Two modes (``tasks.py`` gives each task's settings and why): ``--device cpu --scale small`` (the default; what
 ``benchmarks/results/quality.md`` and the README's longer CPU job run) and ``--device cuda --scale large`` (one H100;
-output stem ``quality_gpu``, so the CPU results are not overwritten). A 1-seed calibration on the H100, eager, took
-~240 s over the four tasks x torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4, ~170 s of it in our eager
-first-order runs. On a GPU the timings synchronise the device around the forward/backward and the optimizer step, so
+output stem ``quality_gpu``, so the CPU results are not overwritten). With ``--compile``, 5 seeds of the four tasks x
+torch_adamw,adamw32,adamw8,adamw4,shampoo32,shampoo4 took 377 + 272 s on the H100 in two calls of ``gpu_run.sh
+quality`` (the second with ``--append``), more than one 10-minute device call. On a GPU the timings synchronise the device around the forward/backward and the optimizer step, so
 ms/step is device time plus host time, not launch time alone.
 
 ``--budget-s`` stops starting new runs once that many seconds have passed since the suite began; the report then

@@ -11,11 +11,12 @@ CPU generator that ``torch.manual_seed`` seeded) and then moves it: a seed's ini
 device either. ``quick`` keeps the scale's models (tiny ones at small scale) and cuts training to 20 steps.
 
 **Small** (the default; CPU, ~2 cores, one torch thread; ``benchmarks/results/quality.md``): the settings the suite
-has always had. **Large** (one H100, optimizers eager; sized so that the four tasks x torch_adamw, adamw32, adamw8,
-adamw4, shampoo32, shampoo4 x 5 seeds = 120 runs take about 5 minutes, i.e. ~2.5 s a run on average). Eagerly on a GPU
-these models are host-bound, not FLOP-bound: a step costs its kernel launches (forward + backward ~1-2 ms, our 8/4-bit
-AdamW ~1 ms more for its per-tensor Triton launches, Shampoo's eager per-step path a few ms), so the settings buy
-quality by width (free on the GPU) and spend the step budget where the task has data to use it:
+has always had. **Large** (one H100; ``benchmarks/results/quality_gpu.md``): the four tasks x torch_adamw, adamw32,
+adamw8, adamw4, shampoo32, shampoo4 x 5 seeds = 120 runs took 377 + 272 s in two calls (char LM and digits MLP, then
+digits CNN and MNIST-1D) with ``--compile``, 1-15 s a run. On a GPU these models are host-bound, not FLOP-bound: a
+step costs its kernel launches (forward + backward ~1-2 ms, our compiled first-order step 0.6-1.4 ms — eagerly
+14-34 ms, per-tensor launches —, Shampoo's eager per-step path 2-5.5 ms), so the settings buy quality by width (free on
+the GPU) and spend the step budget where the task has data to use it:
 
 - ``char_lm``: 2 layers, d_model 128, 4 heads, context 128, batch 32, 800 steps (small: 1 layer, d_model 64,
   context 64, batch 16, 300 steps): ~4x the tokens per step and 2.7x the steps; 16 validation batches of 32 x 128.
