@@ -37,7 +37,7 @@ PASS_OPTIONS = {"stochastic_rounding": bool}
 # corrections, 1 - beta, 1 - lr * wd) is a handful of nodes that share no input, and inductor's Triton scheduler
 # fuses nodes side by side only when they share reads: an AdamW step ran 4 one-element kernels besides its fused
 # updates on the H100, with these settings 1 (the C++ backend fused them already). Shampoo's compiled step timed the
-# same with and without (H100, one A/B run).
+# same with and without (H100 A/B: benchmarks/results/inductor_fusion.exploratory.md).
 DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False, "aggressive_fusion": True, "score_fusion_memory_threshold": 0}
 
 
