@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for key in dict.fromkeys((t["bits"], t["variant"], t["shape"]) for t in timings):
         mine = [t for t in timings if (t["bits"], t["variant"], t["shape"]) == key]
         ms = statistics.median(t["ms"] for t in mine)
-        rows.append(dict(mine[0], ms=ms, ms_per_1g=ms * 1e9 / (numel * count), gbs=mine[0]["gbs"] * mine[0]["ms"] / ms,
-                         rounds=[t["ms"] for t in mine]))
-        del rows[-1]["round"]
+        first = {k: v for k, v in mine[0].items() if k != "round"}
+        rows.append(dict(first, ms=ms, ms_per_1g=ms * 1e9 / (numel * count), rounds=[t["ms"] for t in mine],
+                         gbs=first["moved_bytes_per_param"] * numel * count / ms / 1e6))
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
