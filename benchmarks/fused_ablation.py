@@ -6,7 +6,9 @@
 The kernel spec is the one the lowbit pass generates for ``lbc.optim.AdamW(bits=B)`` on this device; the kernel is
 then launched directly (no torch.compile) on 16 x 4096^2 fp32 parameters, median of 30 timed launches after
 warm-up (``step_time.time_calls``).
-Variants replace, in the generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
+``base`` times the update part alone, its 0-d scalars given; ``launch`` the whole launch the pass generates (every
+program also computes the step's 0-d math, and the last to read the step counter increments it). The stand-in
+variants replace, in the base part's generated source: ``nodecode``: the codebook lookups of the decode by arithmetic on the code;
 ``nomid``: the 8-bit encoder's boundary lookup (the candidate code is kept); ``nogather``: both; ``trivenc``: the
 whole encoder by ``y * 127 + 128``; ``trivall``: decode and encode both; ``analytic4`` (4-bit only, exact): the
 dynamic map's encoder as the 8-bit one (analytic candidate + one lookup) instead of the 4-step search; ``table1/2``, ``table1/8``
@@ -20,6 +22,7 @@ Launch shapes are ``ELEMENTSxWARPSxTILES[xREGISTERS]`` (tile elements, warps, ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -87,6 +90,11 @@ def encode_trivially(x, scale, lower_ptr, BITS: tl.constexpr, MAP: tl.constexpr,
 
 _STAND_INS = {
     "base": [],
+    "launch": [],
+    # The launch with the 0-d program's fast forms (exp2/log2 pow, approximate division and square root).
+    "launch_fast": [("= _scalar_pow(", "= _pow("), ("= _exact_sqrt(", "= tl.sqrt("), ("= _exact_div(", "= tl.fdiv(")],
+    # The launch without the step counter's store (no barrier, no atomic count): what the 0-d math alone costs.
+    "launch_nostore": [("    tl.debug_barrier()\n", ""), ('tl.atomic_add(done_ptr, 1, sem="acq_rel")', "0")],
     "nodecode": [("codecs.decode(", "ablation.decode_without_lookup(")],
     "nomid": [("codecs.encode(", "ablation.encode_without_boundary_lookup(")],
     "nogather": [("codecs.decode(", "ablation.decode_without_lookup("),
@@ -101,12 +109,14 @@ _STAND_INS = {
     "table1/8": [("codecs.decode(", "ablation.decode_narrow_table("), ("codecs.encode(", "ablation.encode_narrow_table("),
                  ("_codebook)", "_codebook, 3)"), ("8, 0, False)", "8, 0, False, 3)"), ("8, 0, True)", "8, 0, True, 3)")],
 }
+_WHOLE_UPDATE = {"base", "launch", "launch_nostore", "launch_fast"}
 _EIGHT_BIT_ONLY = {"nomid", "nogather", "table1/2", "table1/8"}
 _FOUR_BIT_ONLY = {"analytic4"}
 
 
 def adamw_spec(bits: int, device: torch.device) -> str:
-    """The fused-update spec the lowbit pass generates for our AdamW at ``bits`` on ``device``."""
+    """The launch spec the lowbit pass generates for our AdamW at ``bits`` on ``device`` (one part, its 0-d program
+    and the step counter's store)."""
     from lowbit_compile import optim
     from lowbit_compile.report import clear_compile_reports, compile_report
     params = [torch.nn.Parameter(torch.randn(4096, device=device)) for _ in range(2)]  # large enough to quantize
@@ -120,7 +130,7 @@ def adamw_spec(bits: int, device: torch.device) -> str:
     fused = compile_report().fused
     if len(fused) != 1:
         raise RuntimeError(f"expected one fused launch for AdamW {bits}-bit, got {len(fused)}")
-    return fused[0].spec
+    return fused[0].launch_spec
 
 
 def time_variant(spec_text: str, variant: str, shape, device: torch.device,
@@ -140,9 +150,13 @@ def time_variant(spec_text: str, variant: str, shape, device: torch.device,
 
     try:
         FU.render_source = patched
-        with launched_as(shape):
-            spec = FU.KernelSpec.from_string(spec_text)
-            kernel = FU.FusedUpdateKernel(spec)
+        with launched_as(shape) if shape is not None else contextlib.nullcontext():
+            launch = FU.LaunchSpec.from_string(spec_text)
+            spec = launch.parts[0]
+            # "launch": the launch as generated (every program computes the 0-d math, the last one to read the step
+            # counter increments it); every other variant: the part alone, its scalars given.
+            whole = variant.startswith("launch")
+            kernel = FU.FusedUpdateKernel(launch if whole else spec)
             params = [torch.randn(numel, device=device) * 0.02 for _ in range(count)]
             grads = [torch.randn(numel, device=device) * 1e-3 for _ in range(count)]
             mutated = list(params)
@@ -153,17 +167,21 @@ def time_variant(spec_text: str, variant: str, shape, device: torch.device,
                 storage = [F.empty_state(numel, F.parse_spec(role), device) for _ in range(count)]
                 mutated += [s[0] for s in storage] + [s[1] for s in storage]
             mutated.append(torch.zeros((), dtype=torch.int64, device=device))
-            values = [1 - 1e-5, 1e-3, 0.1, 0.1, 0.999, 0.001, 0.0316, 1e-8]
-            scalars = [torch.tensor(v, device=device) for v in values[:len(spec.scalars)]]
+            if whole:
+                mutated.append(torch.zeros((), device=device))  # the step counter
+                scalars = [torch.tensor(1e-3, device=device) for _ in range(launch.plain_scalars)]
+            else:
+                values = [1 - 1e-5, 1e-3, 0.1, 0.1, 0.999, 0.001, 0.0316, 1e-8]
+                scalars = [torch.tensor(v, device=device) for v in values[:len(spec.scalars)]]
             launch = lambda: kernel.launch(mutated, grads, scalars)  # noqa: E731
             reps = 30 if device.type == "cuda" else 1
             times = time_calls(launch, device, target_s=0.0, min_reps=reps, max_reps=reps)
     finally:
         FU.render_source = render
     ms = statistics.median(times)
-    state = sum(t.numel() * t.element_size() for t in mutated[count:-1])
+    state = sum(t.numel() * t.element_size() for t in mutated[count:count * kernel.mut_slots[0]])
     moved = 12 * numel * count + 2 * state  # params read + written, grads read, state read + written
-    return dict(variant=variant, shape=str(shape), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
+    return dict(variant=variant, shape="default" if shape is None else str(shape), ms=ms, ms_per_1g=ms * 1e9 / (numel * count),
                 moved_bytes_per_param=moved / (numel * count), gbs=moved / ms / 1e6)
 
 
@@ -173,7 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny tensors under the interpreter")
     parser.add_argument("--bits", default="8,4,32", help="comma-separated AdamW state widths")
     parser.add_argument("--variants", default=",".join(_STAND_INS))
-    parser.add_argument("--shapes", default="1024x4x1,1024x4x8", help="comma-separated ELEMENTSxWARPSxTILES[xREGISTERS]")
+    parser.add_argument("--shapes", default="default",
+                        help="comma-separated ELEMENTSxWARPSxTILES[xREGISTERS], or default (GPU_LAUNCH_SHAPES)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every row this many times, rounds interleaved (drift hits all rows alike); the "
                              "table reports the median over rounds and the range")
@@ -181,13 +200,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     numel, count = (1000, 2) if args.cpu_smoke else (4096 * 4096, 16)
     from lowbit_compile.templates.fused_update import LaunchShape
-    shapes = [LaunchShape.parse(item) for item in args.shapes.split(",")]
+    shapes = [None if item == "default" else LaunchShape.parse(item) for item in args.shapes.split(",")]
     specs = {bits: adamw_spec(bits, device) for bits in map(int, args.bits.split(","))}
     timings = []
     for round_index in range(args.rounds):
         for bits, spec in specs.items():
             for variant in args.variants.split(","):
-                if variant != "base" and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
+                if variant not in _WHOLE_UPDATE and (bits == 32 or (variant in _EIGHT_BIT_ONLY and bits != 8)
                                           or (variant in _FOUR_BIT_ONLY and bits != 4)):
                     continue  # nothing to replace, or a stand-in for a part this width does not have
                 for shape in shapes:

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_run.sh tests step codecs      # parts, in the order given
 #
-# Parts: tests (every @pytest.mark.cuda test), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo, quality
+# Parts: tests (every @pytest.mark.cuda test), pass_tests (the pass's structure and numerics tests, which run on
+# the GPU when there is one), step (benchmarks/step_time.py, with STEP_ARGS), codecs, shampoo, quality
 # (the quality suite's GPU mode, benchmarks/quality/run.py --device cuda --scale large, QUALITY_ARGS; mnist1d travels
 # as a wheel; QUALITY_OUT=benchmarks/results with --append in QUALITY_ARGS adds to the carried results),
 # efcp, ablation (benchmarks/fused_ablation.py, ABLATION_ARGS), shampoo_tests (tests/test_shampoo.py on the GPU; slow: kernel
@@ -44,6 +45,8 @@ for part in "$@"; do
         tests) run gpu_tests "${TESTS_S:-200}" python3 -m pytest -q -m cuda -p no:cacheprovider --durations=15 -rfEsx \
                    tests/test_codecs_triton.py tests/test_backend_gpu.py tests/test_optim_compile.py \
                    tests/test_shampoo_kernels.py tests/test_shampoo_compile.py tests/test_efcp.py ;;
+        pass_tests) run pass_tests "${PASS_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider --durations=10 -rfEsx \
+                   tests/test_pass_structure.py tests/test_pass_pointwise.py tests/test_backend_numerics.py ;;
         shampoo_tests) run shampoo_tests "${SHAMPOO_TESTS_S:-240}" python3 -m pytest -q -x -p no:cacheprovider \
                    --durations=10 tests/test_shampoo.py ;;
         step) run step_time "${STEP_S:-330}" python3 benchmarks/step_time.py --out "$LOGS/results" ${STEP_ARGS:-} ;;

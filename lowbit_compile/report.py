@@ -12,13 +12,16 @@ import threading
 
 @dataclasses.dataclass(frozen=True)
 class FusedGroup:
-    """One ``lowbit::fused_update_`` launch: ``num_tensors`` parameters' regions run by one generated kernel."""
+    """``num_tensors`` parameters' regions with one kernel spec: a part of the ``lowbit::fused_update_`` launch number
+    ``launch`` (one launch per device runs every part; ``source`` is the launch's generated kernel)."""
 
     spec: str
     num_tensors: int
     source: str
     regions: tuple[str, ...]
     device: str
+    launch: int = 0
+    launch_spec: str = ""  # the whole launch's spec (``templates.fused_update.LaunchSpec``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +40,20 @@ class CompileReport:
     unfused: tuple[UnfusedRegion, ...] = ()
     graph: str = ""  # the post-grad graph after the pass
     note: str = ""  # set when the backend took another route than the pass (CPU without Triton)
+    scalar_writes: tuple[str, ...] = ()  # 0-d graph inputs (the step counter) the launches write
 
     @property
     def launches(self) -> int:
-        return len(self.fused)
+        return len({g.launch for g in self.fused})
 
     def __str__(self) -> str:
-        lines = [f"lowbit: {sum(g.num_tensors for g in self.fused)} regions fused into {self.launches} launch(es), "
-                 f"{len(self.unfused)} unfused"] + ([f"  {self.note}"] if self.note else [])
+        lines = [f"lowbit: {sum(g.num_tensors for g in self.fused)} regions fused into {len(self.fused)} kernel "
+                 f"spec(s), {self.launches} launch(es), {len(self.unfused)} unfused"]
+        lines += [f"  {self.note}"] if self.note else []
+        lines += [f"  the launches also write {', '.join(self.scalar_writes)}"] if self.scalar_writes else []
         for g in self.fused:
             more = " ..." if g.num_tensors > 1 else ""
-            lines.append(f"  fused x{g.num_tensors} on {g.device}: {g.regions[0]}{more}")
+            lines.append(f"  fused x{g.num_tensors} on {g.device} (launch {g.launch}): {g.regions[0]}{more}")
         for u in self.unfused:
             lines.append(f"  unfused {u.region}: {u.reason}" + (f" [{u.op}]" if u.op else ""))
         return "\n".join(lines)

@@ -39,30 +39,30 @@ def test_the_fused_op_bumps_the_version_of_every_tensor_it_writes(monkeypatch):
     from lowbit_compile.templates import fused_update
 
     class NoKernel:
-        def launch(self, mutated, inputs, scalars):
+        def launch(self, mutated, inputs, scalars, counts):
             pass
 
     monkeypatch.setattr(fused_update, "kernel_for", lambda spec: NoKernel())
     mutated = [torch.zeros(3), torch.zeros(2, dtype=torch.uint8), torch.zeros((), dtype=torch.int64)]
     inputs, scalars = [torch.ones(3)], [torch.ones(())]
     before = [t._version for t in mutated + inputs + scalars]
-    torch.ops.lowbit.fused_update_(mutated, inputs, scalars, "unused")
+    torch.ops.lowbit.fused_update_(mutated, inputs, scalars, [1], "unused")
     assert [t._version for t in mutated + inputs + scalars] == [v + 1 for v in before[:3]] + before[3:]
 
 
-def test_small_tensors_with_fp32_state_form_their_own_group():
-    # The optimizer keeps state in fp32 under min_quant_numel: a second spec, so a second launch.
+def test_small_tensors_with_fp32_state_are_a_second_part_of_the_same_launch():
+    # The optimizer keeps state in fp32 under min_quant_numel: a second kernel spec, run by the same launch.
     def formats(numel):
         return (F.Q8(), F.Q8(signed=False)) if numel >= 4096 else (F.F32(), F.F32())
 
     problem = make_problem([(4096,), (5000,), (300,), (7, 3)], formats, hp=ADAMW_HP)
     got, want = run_both(problem, adamw, "lowbit_aot_eager", steps=2)
-    assert_all_fused(4, groups=2)
+    assert_all_fused(4, parts=2)
     assert sorted(g.num_tensors for g in compile_report().fused) == [2, 2]
     assert_problems_close(got, want, steps=2)
 
 
-def test_parameters_of_different_dtypes_are_different_launches():
+def test_parameters_of_different_dtypes_are_different_parts_of_one_launch():
     fp32 = make_problem([(300,), (40,)], (F.Q8(min_quant_numel=0),), hp=RULES["lion"][2], seed=1)
     bf16 = make_problem([(200,)], (F.Q8(min_quant_numel=0),), param_dtype=torch.bfloat16, hp=RULES["lion"][2])
     problem = fp32.clone()
@@ -71,7 +71,7 @@ def test_parameters_of_different_dtypes_are_different_launches():
     problem.states += bf16.states
     problem.formats += bf16.formats
     got, want = run_both(problem, lion, "lowbit", steps=2)
-    assert_all_fused(3, groups=2)
+    assert_all_fused(3, parts=2)
     assert_problems_close(got, want, steps=2)
 
 
@@ -119,6 +119,9 @@ def test_an_unfusable_group_blocks_only_what_shares_its_counter(shared_counter):
         assert any("shares the accumulator" in u.reason for u in report.unfused), str(report)
     else:
         assert report.launches == 1 and report.fused[0].num_tensors == 1, str(report)
+        # The launch also writes the 0-d results around it: both step counters (a's rule does not read its step)
+        # and a's non-finite counter (its unfused regions' sums, computed before the launch, plus the old count).
+        assert len(report.scalar_writes) == 3, str(report)
     assert sum(u.op == "aten.cumsum.default" for u in report.unfused) == 2, str(report)
     assert_problems_close(a, ea)
     assert_problems_close(b, eb)
@@ -176,3 +179,72 @@ def test_user_post_grad_pass_still_runs_after_ours():
                          options={"post_grad_custom_pre_pass": Probe()})
     assert seen and torch.ops.lowbit.fused_update_.default in seen[0]
     assert_problems_close(got, want)
+
+
+def test_empty_parameters_still_advance_the_step_counter():
+    """Every tensor of the launch has 0 elements: no program has a tile, yet the launch still writes the step."""
+    problem = make_problem([(0,), (0, 3)], (Q8S, F.F32()), hp=ADAMW_HP)
+    got, want = run_both(problem, adamw, "lowbit_aot_eager", steps=3)
+    assert_all_fused(2)
+    assert got.step_t.item() == 3
+    assert_problems_close(got, want, steps=3)
+
+
+def test_param_groups_are_parts_of_one_launch_with_their_own_counters():
+    """Two optimizer param groups (8-bit and 4-bit state, their own lr and step): one launch, two step counters; a
+    group without gradients keeps its counter."""
+    from lowbit_compile import optim
+    torch.manual_seed(0)
+    shapes = [(5000,), (300,), (4500,), (7, 3)]
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    def build(ps):
+        four_bit = {"m": F.Q4(), "v": F.Q4(signed=False)}
+        return optim.AdamW([{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "state": four_bit}], lr=1e-3)
+
+    compiled, eager = build(params), build(twins)
+    step = compile_step(compiled.step, "lowbit")
+    for k in range(3):
+        for i, (p, q) in enumerate(zip(params, twins)):
+            p.grad = None if k == 2 and i >= 2 else torch.randn_like(p)
+            q.grad = None if p.grad is None else p.grad.clone()
+        step()
+        eager.step()
+        if k == 0:
+            report = compile_report()
+            assert report.launches == 1 and len(report.fused) == 4 and len(report.scalar_writes) == 2, str(report)
+    assert [plan.step.item() for plan in compiled._plans] == [plan.step.item() for plan in eager._plans] == [3, 2]
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_launch_spec_round_trip_and_errors():
+    from lowbit_compile.templates.fused_update import KernelSpec, LaunchSpec
+    part = KernelSpec(("float32",), ("float32",), ("float32",), (), ("v0 = (mut0 - s0 * in0)",), ("v0",))
+    launch = LaunchSpec((part, part), (("c0",), ("x0",)), ((), ()), ("float32", "float32"),
+                        ("c0 = (x0 * 2.0)", "c1 = (x1 + 1.0)"), ("c1",))
+    assert LaunchSpec.from_string(launch.to_string()) == launch
+    assert launch.plain_scalars == 1
+    with pytest.raises(ValueError, match="bindings\\[0\\]"):
+        LaunchSpec((part,), (("c9",),), ((),), ("float32",))
+    with pytest.raises(ValueError, match="scalar_body"):
+        LaunchSpec((part,), (("x0",),), ((),), ("float32",), ("x = x0",))
+    with pytest.raises(ValueError, match="version"):
+        LaunchSpec.from_string(launch.to_string().replace('"version":2', '"version":1'))
+    with pytest.raises(ValueError, match="not a fused-update launch spec"):
+        LaunchSpec.from_string(part.to_string())
+
+
+def test_launches_over_large_tensors_leave_the_0d_math_to_inductor(monkeypatch):
+    """Above MOVE_MAX_AVERAGE_NUMEL elements per tensor the launch reads the 0-d values inductor computes (moving
+    them in would cost every program latency); the step counter is then written by inductor too."""
+    from lowbit_compile.passes import fuse_updates
+    monkeypatch.setattr(fuse_updates, "MOVE_MAX_AVERAGE_NUMEL", 100)
+    problem = make_problem([(300,), (200,)], (Q8S, Q8U), hp=ADAMW_HP)
+    got, want = run_both(problem, adamw, "lowbit_aot_eager", steps=2)
+    report = compile_report()
+    assert report.launches == 1 and not report.scalar_writes and not report.unfused, str(report)
+    assert '"scalar_body":[]' in report.fused[0].launch_spec
+    assert "aten.pow" in report.graph and "aten.copy_" in report.graph  # bias corrections, step write-back
+    assert_problems_close(got, want, steps=2)

@@ -19,8 +19,8 @@ from . import cse_scalars, fuse_updates
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCES = ("_compat.py", "formats.py", "ops.py", "report.py", "passes/__init__.py", "passes/cse_scalars.py",
-            "passes/pointwise.py", "passes/regions.py", "passes/fuse_updates.py", "templates/codecs.py",
-            "templates/fused_update.py")
+            "passes/pointwise.py", "passes/regions.py", "passes/scalar_program.py", "passes/fuse_updates.py",
+            "templates/codecs.py", "templates/fused_update.py")
 
 
 def _sources_digest() -> str:

@@ -26,10 +26,11 @@ from torch.fx import Graph, Node
 
 from .._compat import triton_interpreting
 from ..report import CompileReport, FusedGroup, UnfusedRegion, record
-from ..templates.fused_update import KernelSpec, dtype_name, render_source
+from ..templates.fused_update import KernelSpec, LaunchSpec, dtype_name, render_source
 from .pointwise import SHAPE_ONLY_ARGUMENTS, Value, emit, op_name
 from .regions import (Region, block_shared_accumulations, epilogue_start, find_regions, is_dequant, is_scalar,
                       value_of)
+from .scalar_program import MOVE_MAX_AVERAGE_NUMEL, build_scalar_program
 
 _STORE_ORDER = {"tensor": 0, "quantized": 1, "sum": 2}
 _CASTS = ("prims.convert_element_type.default", "aten._to_copy.default", "aten.copy.default")
@@ -210,29 +211,59 @@ def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileR
     for member in fused:
         key = (member.spec.to_string(), member.region.device, tuple(member.scalars), tuple(member.accumulators))
         groups.setdefault(key, []).append(member)
+    launches: dict[torch.device, list[list[FusedRegion]]] = {}
+    for members in groups.values():
+        launches.setdefault(members[0].region.device, []).append(members)
 
     insertion_point = epilogue_start(graph)
-    reports = []
     fused_stores = {id(s.owned[0]) for m in fused for s in m.region.stores if s.kind == "sum"}
-    for (spec_text, device, scalars, accumulators), members in groups.items():
-        spec = members[0].spec
-        mutated = _flatten(spec.mutated, members, "mutated") + list(accumulators)
-        inputs = _flatten(spec.inputs, members, "inputs")
-        with graph.inserting_before(insertion_point):
-            call = graph.call_function(torch.ops.lowbit.fused_update_.default,
-                                       (mutated, inputs, list(scalars), spec_text))
-        call.meta["val"] = None
-        reports.append(FusedGroup(spec_text, len(members), render_source(spec),
-                                  tuple(m.region.label for m in members), str(device)))
-
     doomed = {n for m in fused for n in m.region.owned}
     for acc in accumulations:
         if all(id(term) in fused_stores for term in acc.terms):
             doomed |= set(acc.owned)
-    _erase(graph, doomed)
-    _erase_dead(graph, {n for m in fused for n in m.region.interior + [x for x in m.region.leaves if is_dequant(x)]})
+    removed = doomed | {n for m in fused for n in m.region.interior}
+    reports, moved, written_scalars = [], set(), []
+    for index, (device, parts) in enumerate(launches.items()):
+        read = list(dict.fromkeys(n for members in parts for n in members[0].scalars))
+        numels = [m.region.numel for members in parts for m in members]
+        move = sum(n if isinstance(n, int) else 0 for n in numels) <= MOVE_MAX_AVERAGE_NUMEL * len(numels)
+        program = build_scalar_program(graph, read, removed, move=move)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        if any(order[n] >= order[insertion_point] for n in program.inputs):
+            program = build_scalar_program(graph, read, removed, move=move, stores=False)
+        accumulators = list(dict.fromkeys(a for members in parts for a in members[0].accumulators))
+        launch = LaunchSpec(
+            parts=tuple(members[0].spec for members in parts),
+            bindings=tuple(tuple(program.names[n] for n in members[0].scalars) for members in parts),
+            part_accumulators=tuple(tuple(accumulators.index(a) for a in members[0].accumulators)
+                                    for members in parts),
+            scalars=program.dtypes, scalar_body=tuple(program.body), stores=tuple(program.stores),
+            accumulators=tuple(dtype_name(value_of(a).dtype) for a in accumulators))
+        mutated, inputs = [], []
+        for members in parts:
+            mutated += _flatten(members[0].spec.mutated, members, "mutated")
+            inputs += _flatten(members[0].spec.inputs, members, "inputs")
+        mutated += accumulators + program.stored
+        spec_text = launch.to_string()
+        with graph.inserting_before(insertion_point):
+            call = graph.call_function(torch.ops.lowbit.fused_update_.default,
+                                       (mutated, inputs, program.inputs, [len(m) for m in parts], spec_text))
+        call.meta["val"] = None
+        source = render_source(launch)
+        reports += [FusedGroup(members[0].spec.to_string(), len(members), source,
+                               tuple(m.region.label for m in members), str(device), index, spec_text)
+                    for members in parts]
+        doomed |= set(program.copies)
+        moved |= program.moved
+        written_scalars += [n.name for n in program.stored]
 
-    report = CompileReport(tuple(reports), tuple(unfused), str(graph))
+    _erase(graph, doomed)
+    _erase_dead(graph, {n for m in fused for n in m.region.interior + [x for x in m.region.leaves if is_dequant(x)]}
+                | moved)
+    if fused:
+        graph.eliminate_dead_code()  # what only the fused regions read (inductor would drop it later; the report shows the graph)
+
+    report = CompileReport(tuple(reports), tuple(unfused), str(graph), scalar_writes=tuple(written_scalars))
     record(report)
     return report
 

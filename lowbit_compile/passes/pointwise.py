@@ -12,6 +12,11 @@ every fp32 operation is IEEE (numpy). On the GPU ``/``, ``sqrt`` and ``rsqrt`` a
 the correctly rounded reciprocal, computed once per program, 1.5 ulp): correctly rounded ``div_rn``/``sqrt_rn`` cost
 ~10 instructions each and the fused kernel must stay memory-bound; ``exp``/``log``/``pow`` (exp2/log2 based) are a few ulp from torch's
 (``pow``'s error grows with ``|y * log2 x|``). Triton may also contract a multiply and an add into an FMA.
+
+0-d values (the launch's scalar program: bias corrections, ``1 - lr * wd``) are computed once per program, so they
+take the exact forms: correctly rounded division and square root, and ``pow``/``exp``/``log`` as torch's CUDA kernels
+compute them (libdevice) on the GPU, in float64 rounded once under the interpreter (torch's CPU results, but for
+values within 1e-14 of a rounding tie).
 """
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ class Op:
     args: tuple
     kwargs: dict
     out: torch.dtype
+    scalar: bool = False  # a 0-d value: exact forms (see the module docstring)
 
     @property
     def compute(self) -> torch.dtype:
@@ -143,8 +149,8 @@ def _mul(op):
     return _arith(op, "*", "&")
 
 
-def _true_div(a: str, b: str) -> str:
-    return f"({a} / {b})"
+def _true_div(a: str, b: str, exact: bool = False) -> str:
+    return f"_exact_div({a}, {b})" if exact else f"({a} / {b})"
 
 
 @pointwise("aten.div.Tensor", "aten.div.Scalar", "aten.true_divide.Tensor")
@@ -153,13 +159,13 @@ def _div(op):
     by_scalar = not isinstance(divisor, Value) or divisor.scalar
     if op.compute == torch.float32 and by_scalar and isinstance(dividend, Value) and not dividend.scalar:
         return f"_div_by_scalar({op.x(0)}, {op.x(1)})"
-    return _true_div(op.x(0), op.x(1))
+    return _true_div(op.x(0), op.x(1), op.scalar)
 
 
 @pointwise("aten.div.Tensor_mode", "aten.div.Scalar_mode")
 def _div_mode(op):
     mode = op.kwargs.get("rounding_mode")
-    quotient = _true_div(op.x(0), op.x(1))
+    quotient = _true_div(op.x(0), op.x(1), op.scalar)
     if mode is None:
         return quotient
     if mode == "floor":
@@ -174,7 +180,7 @@ def _neg(op):
 
 @pointwise("aten.reciprocal.default")
 def _reciprocal(op):
-    return _true_div("1.0", op.x(0))
+    return _true_div("1.0", op.x(0), op.scalar)
 
 
 @pointwise("aten.square.default")
@@ -182,8 +188,13 @@ def _square(op):
     return f"({op.x(0)} * {op.x(0)})"
 
 
+# The exact forms of 0-d values' functions (prelude of templates/fused_update.py).
+_SCALAR_FORMS = {"tl.sqrt": "_exact_sqrt", "tl.math.rsqrt": "_exact_rsqrt", "tl.exp": "_scalar_exp",
+                 "tl.log": "_scalar_log"}
+
+
 def _unary(fn: str):
-    return lambda op: f"{fn}({op.x(0)})"
+    return lambda op: f"{_SCALAR_FORMS.get(fn, fn) if op.scalar else fn}({op.x(0)})"
 
 
 for _name, _fn in {"abs": "tl.abs", "sqrt": "tl.sqrt", "rsqrt": "tl.math.rsqrt", "exp": "tl.exp", "exp2": "tl.exp2",
@@ -209,7 +220,7 @@ def _log1p(op):
     # log(u) corrected by the rounding error of u = 1 + x (Goldberg), exact where 1 + x == 1.
     x = op.x(0)
     u = f"(1.0 + {x})"
-    return f"tl.where({u} == 1.0, {x}, tl.log({u}) * {_true_div(x, f'({u} - 1.0)')})"
+    return f"tl.where({u} == 1.0, {x}, tl.log({u}) * {_true_div(x, f'({u} - 1.0)', op.scalar)})"
 
 
 @pointwise("aten.expm1.default")
@@ -217,12 +228,12 @@ def _expm1(op):
     x = op.x(0)
     u = f"tl.exp({x})"
     return (f"tl.where({u} == 1.0, {x}, tl.where({u} - 1.0 == -1.0, -1.0, "
-            f"{_true_div(f'({u} - 1.0) * {x}', f'tl.log({u})')}))")
+            f"{_true_div(f'({u} - 1.0) * {x}', f'tl.log({u})', op.scalar)}))")
 
 
 @pointwise("aten.sigmoid.default")
 def _sigmoid(op):
-    return _true_div("1.0", f"(1.0 + tl.exp(-{op.x(0)}))")
+    return _true_div("1.0", f"(1.0 + tl.exp(-{op.x(0)}))", op.scalar)
 
 
 @pointwise("aten.relu.default")
@@ -231,8 +242,11 @@ def _relu(op):
     return f"tl.where({x} < 0, 0.0, {x})"
 
 
+# ATen computes these exponents by multiplication, square root and division (as its pow kernels special-case them).
 _POW_SPECIAL = {2: "({x} * {x})", 3: "({x} * {x} * {x})", 1: "{x}", 0.5: "tl.sqrt({x})",
                 -0.5: "tl.math.rsqrt({x})", -1: "(1.0 / {x})", -2: "(1.0 / ({x} * {x}))"}
+_POW_SPECIAL_EXACT = {**_POW_SPECIAL, 0.5: "_exact_sqrt({x})", -0.5: "_exact_rsqrt({x})",
+                      -1: "_exact_div(1.0, {x})", -2: "_exact_div(1.0, {x} * {x})"}
 
 
 @pointwise("aten.pow.Tensor_Scalar")
@@ -241,20 +255,25 @@ def _pow_scalar(op):
     x = op.x(0)
     if exponent == 0:
         return f"({x} * 0.0 + 1.0)"
-    if exponent in _POW_SPECIAL:
-        return _POW_SPECIAL[exponent].format(x=x)
-    return f"_pow({x}, {literal(exponent, op.compute)})"
+    special = _POW_SPECIAL_EXACT if op.scalar else _POW_SPECIAL
+    if exponent in special:
+        return special[exponent].format(x=x)
+    return f"{_pow_function(op)}({x}, {literal(exponent, op.compute)})"
+
+
+def _pow_function(op) -> str:
+    return "_scalar_pow" if op.scalar else "_pow"
 
 
 @pointwise("aten.pow.Tensor_Tensor")
 def _pow_tensor(op):
-    return f"_pow({op.x(0)}, {op.x(1)})"
+    return f"{_pow_function(op)}({op.x(0)}, {op.x(1)})"
 
 
 @pointwise("aten.pow.Scalar")
 def _pow_scalar_base(op):
     y = op.x(1)
-    return f"_pow(tl.zeros_like({y}) + {literal(op.args[0], op.compute)}, {y})"
+    return f"{_pow_function(op)}(tl.zeros_like({y}) + {literal(op.args[0], op.compute)}, {y})"
 
 
 def _nan_propagating(fn: str, a: str, b: str) -> str:
@@ -326,7 +345,7 @@ def _addcmul(op):
 @pointwise("aten.addcdiv.default")
 def _addcdiv(op):
     value = op.kwargs.get("value", 1)
-    return f"({op.x(0)} + {_true_div(f'{literal(value, op.compute)} * {op.x(1)}', op.x(2))})"
+    return f"({op.x(0)} + {_true_div(f'{literal(value, op.compute)} * {op.x(1)}', op.x(2), op.scalar)})"
 
 
 @pointwise("prims.fma.default")
@@ -423,23 +442,29 @@ def _nan_to_num(op):
             f'{literal(posinf, op.compute)}, tl.where({x} == -float("inf"), {literal(neginf, op.compute)}, {x})))')
 
 
-def _filled(value, dtype: torch.dtype) -> str:
-    return f"tl.full([ROWS, COLS], {literal(value, dtype)}, {tl_dtype(dtype_name(dtype))})"
+def _filled(op, value) -> str:
+    shape = "[]" if op.scalar else "[ROWS, COLS]"
+    return f"tl.full({shape}, {literal(value, op.compute)}, {tl_dtype(dtype_name(op.compute))})"
 
 
 @pointwise("aten.full.default", "aten.full_like.default")
 def _full(op):
-    return _filled(op.args[1], op.compute)
+    return _filled(op, op.args[1])
+
+
+@pointwise("aten.scalar_tensor.default")
+def _scalar_tensor(op):
+    return _filled(op, op.args[0])
 
 
 @pointwise("aten.zeros_like.default")
 def _zeros_like(op):
-    return _filled(0, op.compute)
+    return _filled(op, 0)
 
 
 @pointwise("aten.ones_like.default")
 def _ones_like(op):
-    return _filled(1, op.compute)
+    return _filled(op, 1)
 
 
 # Ops whose tensor arguments are not read element by element (only their shape or dtype matter).
@@ -459,9 +484,10 @@ def is_pointwise(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and op_name(target) in EMITTERS
 
 
-def emit(target, args: tuple, kwargs: dict, out: torch.dtype) -> str:
-    """The ``tl`` expression of one node; bf16/fp16 results are computed in fp32 and rounded."""
-    op = Op(args, kwargs, out)
+def emit(target, args: tuple, kwargs: dict, out: torch.dtype, scalar: bool = False) -> str:
+    """The ``tl`` expression of one node (``scalar``: a 0-d node, exact forms); bf16/fp16 results are computed in
+    fp32 and rounded."""
+    op = Op(args, kwargs, out, scalar)
     text = EMITTERS[op_name(target)](op)
     if op.compute != out and not op_name(target).startswith(("prims.convert", "aten._to_copy", "aten.copy")):
         text = cast(Value(text, op.compute), out)

@@ -1,10 +1,13 @@
 """The fused optimizer-update kernel and the ``lowbit::fused_update_`` op that launches it.
 
 A ``KernelSpec`` describes one update region completely: which tensors it reads and writes (roles), the 0-d
-scalars it reads, the full sums it accumulates, and its body as lines of ``tl`` expressions. The compiler pass
-(``lowbit_compile.passes``) builds the spec from the graph; this module renders it into Triton source, compiles it
-once per spec, and launches it over a whole group of parameters: a program is (tensor index, tile of whole blocks),
-so one launch covers every tensor of the group through per-role pointer tables.
+scalars it reads, the full sums it accumulates, and its body as lines of ``tl`` expressions. A ``LaunchSpec`` is one
+launch: its parts (a ``KernelSpec`` each, over its own list of parameters: e.g. the quantized-state tensors and the
+small ones that keep fp32 state) and, for launches over small tensors, the step's 0-d math (bias corrections, the step
+counter's increment) that every program computes itself. The compiler pass (``lowbit_compile.passes``) builds the
+specs from the graph; this module renders them into Triton source, compiles it once per launch spec, and launches it
+over all the parameters: a program is (part, tensor index, run of tiles of whole blocks), so one launch covers every
+tensor of every part through per-role pointer tables.
 
 Per program, in one pass over memory: load the plain tensors (fp32/bf16/fp16) and the codes and block scales of
 each quantized state, decode, run the body, then for each quantized output zero the padding lanes, compute the new
@@ -39,7 +42,7 @@ from .._compat import triton_interpreting
 from ..formats import Quantized, parse_spec
 from .codecs import codec_constants, codec_tables
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 _TL_DTYPES = {
     "float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16", "float64": "tl.float64",
@@ -136,6 +139,86 @@ class KernelSpec:
         return sum(1 if role_format(r) is None else 2 for r in roles)
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """One launch of the fused kernel: its parts, each a ``KernelSpec`` run over its own list of parameters, and the
+    0-d program every program runs before its part.
+
+    ``scalars``: dtypes of the launch's 0-d inputs ``x{i}``: the op's ``scalars`` list, then the ``len(stores)`` 0-d
+    tensors the launch also writes (the tail of the op's ``mutated`` list). ``scalar_body``: lines
+    ``c{k} = <tl expression>`` over them and earlier lines. ``stores[k]``: the value (an ``x``/``c`` name) written into
+    stored input ``k``, by the last program to read the inputs. ``bindings[p][i]``:
+    the value part ``p`` reads as its scalar ``i``; ``part_accumulators[p][i]``: the launch accumulator part ``p`` adds
+    its accumulator ``i`` into."""
+
+    parts: tuple[KernelSpec, ...]
+    bindings: tuple[tuple[str, ...], ...]
+    part_accumulators: tuple[tuple[int, ...], ...]
+    scalars: tuple[str, ...] = ()
+    scalar_body: tuple[str, ...] = ()
+    stores: tuple[str, ...] = ()
+    accumulators: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("a launch needs at least one part")
+        if len(self.bindings) != len(self.parts) or len(self.part_accumulators) != len(self.parts):
+            raise ValueError("bindings and part_accumulators: one entry per part")
+        for name in self.scalars:
+            tl_dtype(name)
+        if len(self.stores) > len(self.scalars):
+            raise ValueError(f"stores: {len(self.stores)} stored inputs, but only {len(self.scalars)} scalars")
+        for name in self.accumulators:
+            if name not in ACCUMULATOR_DTYPES:
+                raise ValueError(f"accumulators: dtype must be one of {ACCUMULATOR_DTYPES}, got {name!r}")
+        defined = {f"x{i}" for i in range(len(self.scalars))}
+        for line in self.scalar_body:
+            name = line.split(" = ", 1)[0]
+            if not re.fullmatch(r"c\d+", name):
+                raise ValueError(f"scalar_body: lines are 'c<k> = <expression>', got {line!r}")
+            defined.add(name)
+        for p, (spec, bound, accs) in enumerate(zip(self.parts, self.bindings, self.part_accumulators)):
+            if len(bound) != len(spec.scalars) or not set(bound) <= defined:
+                raise ValueError(f"bindings[{p}]: one defined value per scalar of the part, got {bound}")
+            if len(accs) != len(spec.accumulators) or any(
+                    not 0 <= a < len(self.accumulators) or self.accumulators[a] != d
+                    for a, d in zip(accs, spec.accumulators)):
+                raise ValueError(f"part_accumulators[{p}]: launch accumulators of the part's dtypes, got {accs}")
+        if not set(self.stores) <= defined:
+            raise ValueError(f"stores: values must be defined, got {self.stores}")
+
+    @classmethod
+    def single(cls, spec: KernelSpec) -> "LaunchSpec":
+        """``spec`` alone, its scalars read straight from the op's ``scalars``."""
+        return cls((spec,), (tuple(f"x{i}" for i in range(len(spec.scalars))),),
+                   (tuple(range(len(spec.accumulators))),), spec.scalars, accumulators=spec.accumulators)
+
+    @property
+    def plain_scalars(self) -> int:
+        """How many of ``scalars`` the op's ``scalars`` list holds (the rest are the stored ones)."""
+        return len(self.scalars) - len(self.stores)
+
+    def to_string(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["version"] = SPEC_VERSION
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_string(cls, text: str) -> "LaunchSpec":
+        try:
+            fields = json.loads(text)
+            version = fields.pop("version")
+            parts = fields.pop("parts")
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"spec: not a fused-update launch spec: {text[:80]!r}") from err
+        if version != SPEC_VERSION:
+            raise ValueError(f"spec: version {version} is not {SPEC_VERSION}; recompile (clear the inductor cache)")
+        parts = tuple(KernelSpec.from_string(json.dumps({**p, "version": version})) for p in parts)
+        nested = {k: tuple(tuple(x) for x in v) for k, v in fields.items() if k in ("bindings", "part_accumulators")}
+        flat = {k: tuple(v) for k, v in fields.items() if k not in nested}
+        return cls(parts, **nested, **flat)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Source generation
 # --------------------------------------------------------------------------------------------------------------
@@ -143,6 +226,7 @@ class KernelSpec:
 _PRELUDE = '''\
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from lowbit_compile.templates import codecs
 
@@ -167,6 +251,54 @@ def _div_by_scalar(x, divisor):
         return x * tl.math.div_rn(tl.full((), 1.0, tl.float32), divisor)
     else:
         return x / divisor
+
+
+# Exact forms for 0-d values (computed once per program): correctly rounded division and square root; pow, exp and
+# log as torch's CUDA kernels compute them (libdevice) and, under the interpreter, in float64 rounded once.
+@triton.jit
+def _exact_div(x, y):
+    if codecs.COMPILED:
+        return tl.math.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _exact_sqrt(x):
+    if codecs.COMPILED:
+        return tl.math.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _exact_rsqrt(x):
+    return _exact_div(1.0, _exact_sqrt(x))
+
+
+@triton.jit
+def _scalar_pow(x, y):
+    y = tl.zeros_like(x) + y
+    if codecs.COMPILED:
+        return libdevice.pow(x, y)
+    else:
+        return _pow(x.to(tl.float64), y.to(tl.float64)).to(x.dtype)
+
+
+@triton.jit
+def _scalar_exp(x):
+    if codecs.COMPILED:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x.to(tl.float64)).to(x.dtype)
+
+
+@triton.jit
+def _scalar_log(x):
+    if codecs.COMPILED:
+        return libdevice.log(x)
+    else:
+        return tl.log(x.to(tl.float64)).to(x.dtype)
 
 
 @triton.jit
@@ -228,11 +360,12 @@ def _bf16_stochastic(x, seed, offsets):
 
 @dataclasses.dataclass(frozen=True)
 class TileShape:
+    """How one part of a launch walks its tensors: tiles of ``rows x cols`` elements, ``tiles_per_program`` of them
+    per program."""
+
     rows: int
     cols: int
-    num_warps: int
     tiles_per_program: int = 1
-    max_registers: int | None = None  # ptxas register cap per thread (Triton's ``maxnreg``); None: ptxas decides
 
     @property
     def elements(self) -> int:
@@ -241,6 +374,15 @@ class TileShape:
     @property
     def program_elements(self) -> int:
         return self.elements * self.tiles_per_program
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How a launch runs: each part's tile shape, and what holds for the whole kernel (warps, a register cap)."""
+
+    parts: tuple[TileShape, ...]
+    num_warps: int
+    max_registers: int | None = None  # ptxas register cap per thread (Triton's ``maxnreg``); None: ptxas decides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,15 +428,32 @@ INTERPRETER_TILE_ELEMENTS = 4096
 INTERPRETER_TILES_PER_PROGRAM = 1
 
 
-def tile_shape(spec: KernelSpec, device_type: str) -> TileShape:
-    """Columns = the largest quantized block (every quantized role then covers whole blocks per tile; smaller
-    blocks are reshaped), rows fill the tile."""
-    cols = max(spec.quantized_block_sizes, default=256)
+def state_bits(spec: KernelSpec) -> int:
+    """The narrowest quantized state width of a part (32 when none is quantized)."""
+    return min((fmt.bits for fmt in map(role_format, spec.inputs + spec.mutated) if fmt is not None), default=32)
+
+
+def geometry(launch: LaunchSpec, device_type: str) -> Geometry:
+    """Columns = a part's largest quantized block (every quantized role then covers whole blocks per tile; smaller
+    blocks are reshaped), rows fill the tile. On the GPU the part with the narrowest state (the one the launch shapes
+    were tuned for, and where a group's bytes are) sets the warps and the register cap; every part keeps its own
+    elements per warp and tiles per program."""
+    shapes = []
+    lead_bits = min(state_bits(spec) for spec in launch.parts)
+    lead = GPU_LAUNCH_SHAPES[lead_bits]
+    for spec in launch.parts:
+        cols = max(spec.quantized_block_sizes, default=256)
+        if device_type == "cuda":
+            own = GPU_LAUNCH_SHAPES[state_bits(spec)]
+            # A part with wider state (the small tensors that keep fp32 state) walks 4 elements per thread: the
+            # kernel's registers are those of its heaviest part, and they set the lead part's occupancy.
+            elements = (own.elements // own.warps if state_bits(spec) == lead_bits else 128) * lead.warps
+            shapes.append(TileShape(max(1, elements // cols), cols, own.tiles))
+        else:
+            shapes.append(TileShape(max(1, INTERPRETER_TILE_ELEMENTS // cols), cols, INTERPRETER_TILES_PER_PROGRAM))
     if device_type == "cuda":
-        bits = min((fmt.bits for fmt in map(role_format, spec.inputs + spec.mutated) if fmt is not None), default=32)
-        launch = GPU_LAUNCH_SHAPES[bits]
-        return TileShape(max(1, launch.elements // cols), cols, launch.warps, launch.tiles, launch.max_registers)
-    return TileShape(max(1, INTERPRETER_TILE_ELEMENTS // cols), cols, 4, INTERPRETER_TILES_PER_PROGRAM)
+        return Geometry(tuple(shapes), lead.warps, lead.max_registers)
+    return Geometry(tuple(shapes), 4)
 
 
 def _referenced(name: str, text: str) -> bool:
@@ -362,34 +521,41 @@ def _store_quantized(src: _Source, name: str, value: str, fmt: Quantized, tab: s
     ]
 
 
-def render_source(spec: KernelSpec) -> str:
-    """Triton source of the kernel for ``spec`` (a module defining ``fused_update_kernel``)."""
+def render_source(launch: LaunchSpec | KernelSpec) -> str:
+    """Triton source of the kernel for ``launch`` (a module defining ``fused_update_kernel``); a ``KernelSpec`` is
+    rendered as the launch of that part alone."""
+    if isinstance(launch, KernelSpec):
+        launch = LaunchSpec.single(launch)
     # The pass may run under a fake-tensor mode; the codebook constants are real tensors.
     with unset_fake_temporarily():
-        return _render_source(spec)
+        return _render_launch(launch)
 
 
-def _render_source(spec: KernelSpec) -> str:
-    args = ["program_tensor", "program_start", "numels"]
+def _render_part(launch: LaunchSpec, k: int) -> tuple[str, list[str]]:
+    """Source of the ``@triton.jit`` function ``_part{k}`` that runs one program of part ``k``, and the names of its
+    table arguments (the launch passes them through)."""
+    spec = launch.parts[k]
+    tables = []
     for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
         for i, role in enumerate(roles):
             tab = f"{prefix}{i}_tab"
-            args += [tab] if role_format(role) is None else [
+            tables += [tab] if role_format(role) is None else [
                 f"{tab}_codes", f"{tab}_scales", f"{tab}_codebook", f"{tab}_lower"]
-    args += [f"s{i}_ptr" for i in range(len(spec.scalars))]
+    args = ["pid", "t", "program_start", "numels", *tables]
+    args += [f"x{i}_ptr" for i in range(len(launch.scalars))]
     args += [f"acc{i}_ptr" for i in range(len(spec.accumulators))]
+    if launch.stores:
+        args += ["done_ptr", "programs"]
     if spec.stochastic_rounding:
-        args.append("seed_ptr")
+        args.append("seed")
     args += ["ROWS: tl.constexpr", "COLS: tl.constexpr", "TILES: tl.constexpr", "ALIGNED: tl.constexpr"]
 
     used = "\n".join(spec.body + spec.outputs + tuple(v for _, v in spec.sums))
     # Pointers advance to the tile's start (64-bit) and lanes index it with 32-bit offsets; a full tile loads and
     # stores without element masks so both vectorize.
-    # Per program: its tensor and first tile, the scalars and the tensor's base pointers; then a loop over TILES
-    # consecutive tiles of that tensor (tiles past the tensor's end are fully masked).
+    # Per program: its tensor's element count and base pointers; then a loop over TILES consecutive tiles of that
+    # tensor (tiles past the tensor's end are fully masked).
     prologue = [
-        "pid = tl.program_id(0)",
-        "t = tl.load(program_tensor + pid)",
         "TILE: tl.constexpr = ROWS * COLS",
         "first = (pid - tl.load(program_start + t)).to(tl.int64) * TILES",
         "numel = tl.load(numels + t)",
@@ -402,48 +568,142 @@ def _render_source(spec: KernelSpec) -> str:
         "inb = local < left",
     ])
     lines = src.loop
-    for i in range(len(spec.scalars)):
-        if _referenced(f"s{i}", used):
-            prologue.append(f"s{i} = tl.load(s{i}_ptr)")
     for prefix, roles in (("in", spec.inputs), ("mut", spec.mutated)):
         for i, role in enumerate(roles):
-            name, tab, fmt = f"{prefix}{i}", f"{prefix}{i}_tab", role_format(role)
-            if fmt is None and (_referenced(name, used) or prefix == "mut"):
-                _table_pointer(src, f"{name}_ptr", tab, tl_dtype(role), "start")
-            if not _referenced(name, used):
+            value, tab, fmt = f"{prefix}{i}", f"{prefix}{i}_tab", role_format(role)
+            if fmt is None and (_referenced(value, used) or prefix == "mut"):
+                _table_pointer(src, f"{value}_ptr", tab, tl_dtype(role), "start")
+            if not _referenced(value, used):
                 continue
             if fmt is None:
-                lines.append(f"{name} = _load_tile({name}_ptr, local, inb, full)")
+                lines.append(f"{value} = _load_tile({value}_ptr, local, inb, full)")
             else:
-                _load_quantized(src, name, fmt, tab)
+                _load_quantized(src, value, fmt, tab)
+    # The launch's 0-d program runs once, in the first tile, after that tile's loads are issued: its dependent chain
+    # (pow, exact division, the count below) then overlaps their latency instead of delaying them. Run before the
+    # loop it made an 8-bit AdamW step ~5% slower on the H100 (benchmarks/results/launch_overhead.exploratory.md).
+    # The launch's 0-d program runs once per program, after the loads of the tensor's table entries are issued, so
+    # its dependent chain (pow, exact division, the count) overlaps their latency. It is a function of its own:
+    # inlined into the parts it took 116 registers (8-bit with fp32-state small tensors) and spilled under the 4-bit
+    # cap (offline sm_90 compile, benchmarks/results/launch_sass.exploratory.md).
+    scalar_params = [f"x{i}_ptr" for i in range(len(launch.scalars))] + (["done_ptr", "programs"] if launch.stores else [])
+    if launch.scalar_body or launch.stores:
+        prologue.append(f"{''.join(f's{i}, ' for i in range(len(spec.scalars)))}_ = _scalars{k}({', '.join(scalar_params)})")
+    else:  # the part's scalars are the launch's inputs
+        prologue += [f"s{i} = tl.load({value}_ptr)" for i, value in enumerate(launch.bindings[k])
+                     if _referenced(f"s{i}", used)]
     lines += list(spec.body)
     if spec.stochastic_rounding:
-        prologue.append("seed = tl.load(seed_ptr) + t * 1000003")
+        prologue.append("seed = seed + t * 1000003")
     for i, (role, value) in enumerate(zip(spec.mutated, spec.outputs)):
-        name, tab, fmt = f"mut{i}", f"mut{i}_tab", role_format(role)
+        target, tab, fmt = f"mut{i}", f"mut{i}_tab", role_format(role)
         if fmt is not None:
-            _store_quantized(src, name, value, fmt, tab)
+            _store_quantized(src, target, value, fmt, tab)
             continue
         if role == "bfloat16":
             rounded = (f"_bf16_stochastic(({value}).to(tl.float32), seed, (start + local).to(tl.uint32))"
                        if spec.stochastic_rounding else f"_bf16_rne(({value}).to(tl.float32))")
         else:
             rounded = f"({value}).to({tl_dtype(role)})"
-        lines.append(f"_store_tile({name}_ptr, local, {rounded}, inb, full)")
-    for k, (index, value) in enumerate(spec.sums):
+        lines.append(f"_store_tile({target}_ptr, local, {rounded}, inb, full)")
+    for j, (index, value) in enumerate(spec.sums):
         acc = spec.accumulators[index]
         # Partial sums per row (one warp's reduction, no block-wide barrier), added only where nonzero: integer
         # ones fit int32 (a row holds < 2**31 elements), which reduces cheaper than int64.
         partial = "tl.float32" if acc == "float32" else "tl.int32"
         lines += [
-            f"part{k} = tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1).to({tl_dtype(acc)})",
-            f"tl.atomic_add(acc{index}_ptr + tl.zeros([ROWS], tl.int32), part{k}, mask=part{k} != 0)",
+            f"part{j} = tl.sum(tl.where(inb, {value}, 0).to({partial}), axis=1).to({tl_dtype(acc)})",
+            f"tl.atomic_add(acc{index}_ptr + tl.zeros([ROWS], tl.int32), part{j}, mask=part{j} != 0)",
         ]
     body = "\n".join("    " + line for line in prologue + ["for sub in range(TILES):"])
     body += "\n" + "\n".join("        " + line for line in lines)
     header = "\n".join(f"# {line}" for line in spec.to_string().splitlines())
-    return (f"{_PRELUDE}\n\n{header}\n@triton.jit\ndef fused_update_kernel(\n        "
-            + ",\n        ".join(args) + f",\n):\n{body}\n")
+    # Registers set occupancy, and ptxas allocates them over the whole kernel: several parts inlined took more than
+    # the heaviest alone (8-bit AdamW with fp32-state small tensors: 111 registers against 80, offline sm_90 compile,
+    # benchmarks/results/launch_sass.exploratory.md); called as functions they do not. A lone part is inlined (80
+    # registers either way; the timed configuration).
+    decorator = "@triton.jit" if len(launch.parts) == 1 else "@triton.jit(noinline=True)"
+    # The function returns the part's scalars and a 0 (a tuple even when the part reads no scalar).
+    program = _scalar_program(launch, k) + [f"return {''.join(f's{i}, ' for i in range(len(spec.scalars)))}0"]
+    scalars = (f"@triton.jit(noinline=True)\ndef _scalars{k}({', '.join(scalar_params)}):\n"
+               + "\n".join("    " + line for line in program) + "\n")
+    return (f"{scalars}\n\n{header}\n{decorator}\ndef _part{k}(\n        " + ",\n        ".join(args)
+            + f",\n):\n{body}\n"), tables
+
+
+def _scalar_program(launch: LaunchSpec, k: int) -> list[str]:
+    """Lines that load the launch's 0-d inputs, compute its 0-d program, bind part ``k``'s scalars ``s{i}``, and
+    let the last program to have read the inputs write the stored ones."""
+    spec, bound = launch.parts[k], launch.bindings[k]
+    used = "\n".join(launch.scalar_body + launch.stores + bound)
+    lines = [f"x{i} = tl.load(x{i}_ptr)" for i in range(len(launch.scalars)) if _referenced(f"x{i}", used)]
+    lines += list(launch.scalar_body)
+    lines += [f"s{i} = ({value}).to({tl_dtype(dtype)})" for i, (value, dtype) in enumerate(zip(bound, spec.scalars))]
+    if launch.stores:
+        # A program's reads come before its count (the barrier holds its warps until all have read; acq_rel orders
+        # the reads before the count, and the last program's writes after every count).
+        lines += ["tl.debug_barrier()",
+                  'done = tl.atomic_add(done_ptr, 1, sem="acq_rel")',
+                  "if done == programs - 1:"]
+        lines += [f"    {line}" for line in _stores(launch)]
+    return lines
+
+
+def _stores(launch: LaunchSpec) -> list[str]:
+    """Write the stored inputs and reset the count of programs that have read them."""
+    first = launch.plain_scalars
+    lines = [f"tl.store(x{first + j}_ptr, ({value}).to({tl_dtype(launch.scalars[first + j])}))"
+             for j, value in enumerate(launch.stores)]
+    return lines + ["tl.store(done_ptr, 0)"]
+
+
+# The seeds of two parts' stochastic rounding differ by this much, so their tensors draw different streams.
+_PART_SEED_STRIDE = 1 << 40
+
+
+def _render_launch(launch: LaunchSpec) -> str:
+    """The kernel: each program loads its tensor index and runs its part's function (which also computes the
+    launch's 0-d program); with no program at all, one writes the stored 0-d values."""
+    functions, part_args = [], []
+    args = ["program_tensor", "programs"] + [f"part_end{k}" for k in range(len(launch.parts))]
+    for k in range(len(launch.parts)):
+        text, tables = _render_part(launch, k)
+        functions.append(text)
+        names = [f"p{k}_program_start", f"p{k}_numels"] + [f"p{k}_{tab}" for tab in tables]
+        args += names
+        part_args.append(names)
+    pointers = [f"x{i}_ptr" for i in range(len(launch.scalars))]
+    args += pointers
+    args += [f"acc{i}_ptr" for i in range(len(launch.accumulators))]
+    stochastic = any(spec.stochastic_rounding for spec in launch.parts)
+    if stochastic:
+        args.append("seed_ptr")
+    if launch.stores:
+        args.append("done_ptr")
+    args += [f"P{k}_{c}: tl.constexpr" for k in range(len(launch.parts)) for c in ("ROWS", "COLS", "TILES", "ALIGNED")]
+
+    lines = ["pid = tl.program_id(0)", "t = tl.load(program_tensor + pid)"]
+    if stochastic:
+        lines.append("seed = tl.load(seed_ptr)")
+    for k, (spec, accs) in enumerate(zip(launch.parts, launch.part_accumulators)):
+        call = ["pid", "t", *part_args[k], *pointers, *(f"acc{a}_ptr" for a in accs)]
+        if launch.stores:
+            call += ["done_ptr", "programs"]
+        if spec.stochastic_rounding:
+            call.append(f"seed + {k * _PART_SEED_STRIDE}")
+        call += [f"P{k}_{c}" for c in ("ROWS", "COLS", "TILES", "ALIGNED")]
+        lines += [f"{'if' if k == 0 else 'elif'} pid < part_end{k}:", f"    _part{k}({', '.join(call)})"]
+    if launch.stores:
+        # No tensor has an element: the launch runs one program, which only writes the stored inputs.
+        used = "\n".join(launch.scalar_body + launch.stores)
+        lines.append("if programs == 0:")
+        lines += [f"    x{i} = tl.load(x{i}_ptr)" for i in range(len(launch.scalars)) if _referenced(f"x{i}", used)]
+        lines += [f"    {line}" for line in launch.scalar_body]
+        lines += [f"    {line}" for line in _stores(launch)]
+    header = "\n".join(f"# {line}" for line in launch.to_string().splitlines())
+    kernel = (f"{header}\n@triton.jit\ndef fused_update_kernel(\n        " + ",\n        ".join(args)
+              + ",\n):\n" + "\n".join("    " + line for line in lines) + "\n")
+    return _PRELUDE + "\n\n" + "\n\n".join(functions) + "\n\n" + kernel
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,12 +716,12 @@ def _kernel_dir() -> str:
 
 
 class FusedUpdateKernel:
-    """A compiled spec: the Triton kernel plus its launch geometry. ``launch`` builds (and caches) the pointer
+    """A compiled launch spec: the Triton kernel plus its launch geometry. ``launch`` builds (and caches) the pointer
     tables for the tensors it is given."""
 
-    def __init__(self, spec: KernelSpec):
-        self.spec = spec
-        self.source = render_source(spec)
+    def __init__(self, spec: LaunchSpec | KernelSpec):
+        self.spec = LaunchSpec.single(spec) if isinstance(spec, KernelSpec) else spec
+        self.source = render_source(self.spec)
         digest = hashlib.sha256(self.source.encode()).hexdigest()[:24]
         path = os.path.join(_kernel_dir(), f"fused_update_{digest}.py")
         if not os.path.exists(path):
@@ -475,28 +735,44 @@ class FusedUpdateKernel:
         module_spec.loader.exec_module(module)
         self.kernel = module.fused_update_kernel
         self.path = path
-        self.in_slots = spec.slots(spec.inputs)
-        self.mut_slots = spec.slots(spec.mutated)
+        self.in_slots = [part.slots(part.inputs) for part in self.spec.parts]
+        self.mut_slots = [part.slots(part.mutated) for part in self.spec.parts]
         self._tables: dict[tuple, TableSet] = {}
-        self._spilling_shapes: set[TileShape] = set()
+        self._spilling: set[Geometry] = set()
 
     # Pointer tables are kept for as long as the kernel lives: CUDA graphs replay with the addresses they captured.
     MAX_TABLE_SETS = 4096
 
-    def count(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor]) -> int:
-        """Number of parameters the lists hold (checked against the spec)."""
-        spec = self.spec
-        tensors = len(mutated) - len(spec.accumulators)
-        if self.mut_slots:
-            count, rest = divmod(tensors, self.mut_slots)
+    def counts(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[int]:
+        """Number of parameters of a single-part launch's lists (checked against the spec)."""
+        if len(self.spec.parts) != 1:
+            raise ValueError(f"counts: a launch of {len(self.spec.parts)} parts needs its parameter count per part")
+        extra = len(self.spec.accumulators) + len(self.spec.stores)
+        if self.mut_slots[0]:
+            count = (len(mutated) - extra) // self.mut_slots[0]
         else:
-            count, rest = divmod(len(inputs), self.in_slots)
-        if rest or tensors < 0 or len(inputs) != count * self.in_slots or \
-                (self.mut_slots and tensors != count * self.mut_slots):
+            count = len(inputs) // max(self.in_slots[0], 1)
+        return [max(count, 0)]
+
+    def _split(self, mutated, inputs, counts):
+        """Per part: (mutated, inputs) tensors; then the accumulators and the stored scalars."""
+        spec = self.spec
+        if len(counts) != len(spec.parts) or any(c < 0 for c in counts):
+            raise ValueError(f"counts: one parameter count per part ({len(spec.parts)}), got {list(counts)}")
+        n_mut = sum(c * s for c, s in zip(counts, self.mut_slots))
+        n_in = sum(c * s for c, s in zip(counts, self.in_slots))
+        extra = len(spec.accumulators) + len(spec.stores)
+        if len(mutated) != n_mut + extra or len(inputs) != n_in:
             raise ValueError(
-                f"mutated/inputs: expected {self.mut_slots} mutated and {self.in_slots} input tensors per parameter "
-                f"plus {len(spec.accumulators)} accumulators, got {len(mutated)} and {len(inputs)}")
-        return count
+                f"mutated/inputs: for {list(counts)} parameters per part expected {n_mut} mutated tensors plus "
+                f"{len(spec.accumulators)} accumulators and {len(spec.stores)} stored scalars, and {n_in} inputs; "
+                f"got {len(mutated)} and {len(inputs)}")
+        parts, m, i = [], 0, 0
+        for count, mut_slots, in_slots in zip(counts, self.mut_slots, self.in_slots):
+            parts.append((mutated[m: m + count * mut_slots], inputs[i: i + count * in_slots]))
+            m += count * mut_slots
+            i += count * in_slots
+        return parts, mutated[n_mut: n_mut + len(spec.accumulators)], mutated[n_mut + len(spec.accumulators):]
 
     @staticmethod
     def _role_tensors(roles, tensors, count):
@@ -511,91 +787,110 @@ class FusedUpdateKernel:
                 at += 2 * count
         return grouped
 
-    def _build_tables(self, mutated, inputs, scalars, count, device) -> "TableSet":
-        spec = self.spec
+    @staticmethod
+    def _check(t, what, device, dtype=None, zero_dim=False):
+        if t.device != device:
+            raise ValueError(f"{what}: expected a tensor on {device}, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what}: must be contiguous")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{what}: expected {dtype}, got {t.dtype}")
+        if zero_dim and t.dim() != 0:
+            raise ValueError(f"{what}: expected a 0-d tensor, got shape {tuple(t.shape)}")
+
+    def _part_tables(self, p, mutated, inputs, count, device, shape: TileShape):
+        """Part ``p``'s element counts, its rows of data pointers, and its number of programs per tensor."""
+        spec = self.spec.parts[p]
         numels = None
         rows: list[list[int]] = []
-
-        def check(t, what, dtype=None):
-            if t.device != device:
-                raise ValueError(f"{what}: expected a tensor on {device}, got {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"{what}: must be contiguous")
-            if dtype is not None and t.dtype != dtype:
-                raise ValueError(f"{what}: expected {dtype}, got {t.dtype}")
-
+        where = f"part {p} " if len(self.spec.parts) > 1 else ""
         for list_name, roles, tensors in (("inputs", spec.inputs, inputs), ("mutated", spec.mutated, mutated)):
             for r, (role, group) in enumerate(zip(roles, self._role_tensors(roles, tensors, count))):
                 fmt = role_format(role)
                 if fmt is None:
                     dtype = getattr(torch, role)
                     for i, x in enumerate(group):
-                        check(x, f"{list_name} role {r} ({role}) of parameter {i}", dtype)
+                        self._check(x, f"{where}{list_name} role {r} ({role}) of parameter {i}", device, dtype)
                     sizes = [x.numel() for x in group]
                     if numels is None:
                         numels = sizes
                     elif sizes != numels:
-                        raise ValueError(f"{list_name} role {r}: element counts {sizes} differ from {numels}")
+                        raise ValueError(f"{where}{list_name} role {r}: element counts {sizes} differ from {numels}")
                     rows.append([x.data_ptr() for x in group])
                 else:
                     codes, scales = group
                     for i, (c, s) in enumerate(zip(codes, scales)):
-                        check(c, f"{list_name} role {r} ({role}) codes of parameter {i}", torch.uint8)
-                        check(s, f"{list_name} role {r} ({role}) scales of parameter {i}", torch.float32)
+                        self._check(c, f"{where}{list_name} role {r} ({role}) codes of parameter {i}", device,
+                                    torch.uint8)
+                        self._check(s, f"{where}{list_name} role {r} ({role}) scales of parameter {i}", device,
+                                    torch.float32)
                     rows.append([c.data_ptr() for c in codes])
                     rows.append([s.data_ptr() for s in scales])
-        quantized = [(role_format(r), g) for roles, tensors in ((spec.inputs, inputs), (spec.mutated, mutated))
-                     for r, g in zip(roles, self._role_tensors(roles, tensors, count))
-                     if role_format(r) is not None]
-        for fmt, (codes, scales) in quantized:
-            for i, (c, s, n) in enumerate(zip(codes, scales, numels)):
-                if s.numel() != fmt.num_blocks(n) or c.numel() != fmt.num_code_bytes(n):
-                    raise ValueError(
-                        f"{fmt.spec} state of parameter {i}: {n} elements need {fmt.num_blocks(n)} scales and "
-                        f"{fmt.num_code_bytes(n)} code bytes, got {s.numel()} and {c.numel()}")
+        numels = numels or []
+        for roles, tensors in ((spec.inputs, inputs), (spec.mutated, mutated)):
+            for role, group in zip(roles, self._role_tensors(roles, tensors, count)):
+                fmt = role_format(role)
+                if fmt is None:
+                    continue
+                for i, (c, s, n) in enumerate(zip(*group, numels)):
+                    if s.numel() != fmt.num_blocks(n) or c.numel() != fmt.num_code_bytes(n):
+                        raise ValueError(
+                            f"{where}{fmt.spec} state of parameter {i}: {n} elements need {fmt.num_blocks(n)} scales "
+                            f"and {fmt.num_code_bytes(n)} code bytes, got {s.numel()} and {c.numel()}")
+                codec_tables(fmt, device)  # created and cached on first use: let that happen here, outside graph pools
+        programs = [-(-n // shape.program_elements) for n in numels]
+        return numels, rows, programs
+
+    def _build_tables(self, mutated, inputs, scalars, counts, device) -> "TableSet":
+        spec = self.spec
+        parts, accumulators, stored = self._split(mutated, inputs, counts)
         for i, s in enumerate(scalars):
-            check(s, f"scalars[{i}]", getattr(torch, spec.scalars[i]))
-            if s.dim() != 0:
-                raise ValueError(f"scalars[{i}]: expected a 0-d tensor, got shape {tuple(s.shape)}")
-        for i, a in enumerate(mutated[len(mutated) - len(spec.accumulators):]):
-            check(a, f"accumulator {i}", getattr(torch, spec.accumulators[i]))
-            if a.dim() != 0:
-                raise ValueError(f"accumulator {i}: expected a 0-d tensor, got shape {tuple(a.shape)}")
+            self._check(s, f"scalars[{i}]", device, getattr(torch, spec.scalars[i]), zero_dim=True)
+        for i, a in enumerate(accumulators):
+            self._check(a, f"accumulator {i}", device, getattr(torch, spec.accumulators[i]), zero_dim=True)
+        for i, s in enumerate(stored):
+            self._check(s, f"stored scalar {i}", device, getattr(torch, spec.scalars[spec.plain_scalars + i]),
+                        zero_dim=True)
+        shapes = geometry(spec, device.type).parts
+        program_tensor, part_ends, part_tables = [], [], []
+        for p, ((part_mutated, part_inputs), count) in enumerate(zip(parts, counts)):
+            numels, rows, programs = self._part_tables(p, part_mutated, part_inputs, count, device, shapes[p])
+            starts = [len(program_tensor)]
+            for k in programs:
+                starts.append(starts[-1] + k)
+            program_tensor += [i for i, k in enumerate(programs) for _ in range(k)]
+            part_ends.append(len(program_tensor))
+            part_tables.append(PartTables(
+                torch.tensor(starts[:-1], dtype=torch.int32).to(device),
+                torch.tensor(numels, dtype=torch.int64).to(device),
+                torch.tensor(rows, dtype=torch.int64).reshape(len(rows), count).to(device),
+                all(address % 16 == 0 for row in rows for address in row)))
+        done = torch.zeros((), dtype=torch.int32).to(device) if spec.stores else None
+        return TableSet(torch.tensor(program_tensor or [0], dtype=torch.int32).to(device), tuple(part_ends),
+                        len(program_tensor), tuple(part_tables), done)
 
-        per_program = tile_shape(spec, device.type).program_elements
-        programs = [-(-n // per_program) for n in numels]
-        starts = [0]
-        for k in programs:
-            starts.append(starts[-1] + k)
-        program_tensor = [i for i, k in enumerate(programs) for _ in range(k)]
-        for fmt in {f for f in map(role_format, spec.inputs + spec.mutated) if f is not None}:
-            codec_tables(fmt, device)  # created and cached on first use: let that happen here, outside graph pools
-        return TableSet(torch.tensor(program_tensor, dtype=torch.int32).to(device),
-                        torch.tensor(starts[:-1], dtype=torch.int32).to(device),
-                        torch.tensor(numels, dtype=torch.int64).to(device),
-                        torch.tensor(rows, dtype=torch.int64).reshape(len(rows), count).to(device),
-                        all(address % 16 == 0 for row in rows for address in row))
-
-    def tables(self, mutated, inputs, scalars):
-        count = self.count(mutated, inputs)
+    def tables(self, mutated, inputs, scalars, counts):
         device = (mutated or inputs)[0].device
-        key = (device, count, tuple(t.data_ptr() for t in mutated), tuple(t.data_ptr() for t in inputs),
+        key = (device, tuple(counts), tuple(t.data_ptr() for t in mutated), tuple(t.data_ptr() for t in inputs),
                tuple(t.numel() for t in mutated), tuple(t.numel() for t in inputs))
         found = self._tables.get(key)
         if found is None:
             if len(self._tables) >= self.MAX_TABLE_SETS:
                 self._tables.pop(next(iter(self._tables)))
             found = _outside_graph_pools(
-                device, lambda: self._build_tables(mutated, inputs, scalars, count, device))
+                device, lambda: self._build_tables(mutated, inputs, scalars, counts, device))
             self._tables[key] = found
         return found
 
-    def launch(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor]) -> None:
+    def launch(self, mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor],
+               counts: list[int] | None = None) -> None:
         spec = self.spec
-        if len(scalars) != len(spec.scalars):
-            raise ValueError(f"scalars: the spec reads {len(spec.scalars)} scalars, got {len(scalars)}")
+        if len(scalars) != spec.plain_scalars:
+            raise ValueError(f"scalars: the spec reads {spec.plain_scalars} scalars, got {len(scalars)}")
         if not mutated and not inputs:
             return
+        if counts is None:
+            counts = self.counts(mutated, inputs)
         device = (mutated or inputs)[0].device
         interpreting = triton_interpreting()
         if interpreting != (device.type == "cpu") or device.type not in ("cpu", "cuda"):
@@ -603,37 +898,44 @@ class FusedUpdateKernel:
                 f"lowbit::fused_update_ got tensors on {device} with TRITON_INTERPRET={int(interpreting)}: its Triton "
                 "kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 only (the lowbit backend "
                 "leaves other regions unfused)")
-        tables = self.tables(mutated, inputs, scalars)
-        if tables.program_tensor.numel() == 0:
+        tables = self.tables(mutated, inputs, scalars, counts)
+        if tables.programs == 0 and not spec.stores:
             return
-        args = [tables.program_tensor, tables.program_start, tables.numels]
-        row = 0
-        for roles in (spec.inputs, spec.mutated):
-            for role in roles:
-                fmt = role_format(role)
-                if fmt is None:
-                    args.append(tables.pointers[row])
-                    row += 1
-                else:
-                    codebook, lower = codec_tables(fmt, device)
-                    args += [tables.pointers[row], tables.pointers[row + 1], codebook, lower]
-                    row += 2
-        args += list(scalars)
-        args += list(mutated[len(mutated) - len(spec.accumulators):])
-        seed = _seed(device) if spec.stochastic_rounding else None
+        _, accumulators, stored = self._split(mutated, inputs, counts)
+        args = [tables.program_tensor, tables.programs, *tables.part_ends]
+        for part, part_tables in zip(spec.parts, tables.parts):
+            args += [part_tables.program_start, part_tables.numels]
+            row = 0
+            for roles in (part.inputs, part.mutated):
+                for role in roles:
+                    fmt = role_format(role)
+                    if fmt is None:
+                        args.append(part_tables.pointers[row])
+                        row += 1
+                    else:
+                        codebook, lower = codec_tables(fmt, device)
+                        args += [part_tables.pointers[row], part_tables.pointers[row + 1], codebook, lower]
+                        row += 2
+        args += [*scalars, *stored, *accumulators]
+        seed = _seed(device) if any(part.stochastic_rounding for part in spec.parts) else None
         if seed is not None:
             args.append(seed)
-        shape = tile_shape(spec, device.type)
-        capped = shape.max_registers is not None and shape not in self._spilling_shapes
+        if tables.done is not None:
+            args.append(tables.done)
+        shape = geometry(spec, device.type)
+        constants = {}
+        for k, (tile, part_tables) in enumerate(zip(shape.parts, tables.parts)):
+            constants.update({f"P{k}_ROWS": tile.rows, f"P{k}_COLS": tile.cols, f"P{k}_TILES": tile.tiles_per_program,
+                              f"P{k}_ALIGNED": part_tables.aligned})
+        capped = shape.max_registers is not None and shape not in self._spilling
         options = {"maxnreg": shape.max_registers} if capped else {}
+        grid = max(tables.programs, 1)  # with no program, one still writes the stored scalars
         with _quiet_interpreter(interpreting):
-            compiled = self.kernel[(tables.program_tensor.numel(),)](
-                *args, ROWS=shape.rows, COLS=shape.cols, TILES=shape.tiles_per_program, ALIGNED=tables.aligned,
-                num_warps=shape.num_warps, **options)
+            compiled = self.kernel[(grid,)](*args, **constants, num_warps=shape.num_warps, **options)
         if capped and getattr(compiled, "n_spills", 0) > 0:
             # The cap suits the built-in rules; a larger one spills under it: launch it uncapped from now on (this
             # launch's result is right either way, spilling only costs time).
-            self._spilling_shapes.add(shape)
+            self._spilling.add(shape)
         if seed is not None:
             seed.add_(1)
 
@@ -650,18 +952,31 @@ def _seed(device: torch.device) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class TableSet:
-    """Launch tables for one list of tensors: the tensor of every program, each tensor's first program, element
-    counts, and one row of data pointers per role slot (codes and scales are a slot each)."""
+class PartTables:
+    """One part's tables: each tensor's first program, element counts, and one row of data pointers per role slot
+    (codes and scales are a slot each)."""
 
-    program_tensor: torch.Tensor
     program_start: torch.Tensor
     numels: torch.Tensor
     pointers: torch.Tensor
     aligned: bool  # every pointer a multiple of 16 bytes
 
+
+@dataclasses.dataclass(frozen=True)
+class TableSet:
+    """Launch tables for one list of tensors: the tensor of every program (indices into its part's tables), where
+    each part's programs end, their number, the parts' tables, and the counter of programs that have read the
+    launch's 0-d inputs, which lets the last one write the stored ones (and reset it to 0)."""
+
+    program_tensor: torch.Tensor
+    part_ends: tuple[int, ...]
+    programs: int
+    parts: tuple[PartTables, ...]
+    done: torch.Tensor | None
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.program_tensor, self.program_start, self.numels, self.pointers]
+        found = [self.program_tensor] + [t for p in self.parts for t in (p.program_start, p.numels, p.pointers)]
+        return found + ([self.done] if self.done is not None else [])
 
 
 _ALLOCATING_THREAD: list = []
@@ -724,7 +1039,7 @@ def kernel_for(spec: str) -> FusedUpdateKernel:
         with _KERNELS_LOCK:
             found = _KERNELS.get(spec)
             if found is None:
-                found = FusedUpdateKernel(KernelSpec.from_string(spec))
+                found = FusedUpdateKernel(LaunchSpec.from_string(spec))
                 _KERNELS[spec] = found
     return found
 
@@ -736,15 +1051,17 @@ def kernel_for(spec: str) -> FusedUpdateKernel:
 # dispatcher goes straight to ``_fused_update`` (there is no autograd formula: an optimizer step runs under no_grad),
 # which bumps every mutated tensor's version counter in one call, so autograd still sees the in-place update.
 _LIBRARY = torch.library.Library("lowbit", "FRAGMENT")
-_LIBRARY.define("fused_update_(Tensor(a!)[] mutated, Tensor[] inputs, Tensor[] scalars, str spec) -> ()")
+_LIBRARY.define("fused_update_(Tensor(a!)[] mutated, Tensor[] inputs, Tensor[] scalars, int[] counts, str spec) "
+                "-> ()")
 
 
 def _fused_update(mutated: list[torch.Tensor], inputs: list[torch.Tensor], scalars: list[torch.Tensor],
-                  spec: str) -> None:
-    """Run the fused update ``spec`` over a group of parameters: ``mutated`` and ``inputs`` hold, role by role,
-    each parameter's tensor (quantized roles: all codes, then all scales), ``mutated`` ends with the accumulators;
-    ``scalars`` are the 0-d tensors the body reads."""
-    kernel_for(spec).launch(mutated, inputs, scalars)
+                  counts: list[int], spec: str) -> None:
+    """Run the fused launch ``spec`` over its parts' parameters (``counts[p]`` for part ``p``): ``mutated`` and
+    ``inputs`` hold, part by part and role by role, each parameter's tensor (quantized roles: all codes, then all
+    scales); ``mutated`` ends with the accumulators and then the 0-d tensors the launch writes; ``scalars`` are the
+    0-d tensors it reads."""
+    kernel_for(spec).launch(mutated, inputs, scalars, counts)
     torch._C._increment_version(mutated)
 
 
@@ -753,12 +1070,13 @@ for _dispatch_key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("lowbit::fused_update_", lib=_LIBRARY)
-def _(mutated, inputs, scalars, spec):
+def _(mutated, inputs, scalars, counts, spec):
     return None
 
 
 fused_update_ = torch.ops.lowbit.fused_update_
 
 
-__all__ = ["KernelSpec", "FusedUpdateKernel", "fused_update_", "kernel_for", "render_source", "tile_shape",
-           "LaunchShape", "GPU_LAUNCH_SHAPES", "dtype_name", "tl_dtype", "role_format"]
+__all__ = ["KernelSpec", "LaunchSpec", "FusedUpdateKernel", "fused_update_", "kernel_for", "render_source", "geometry",
+           "Geometry", "TileShape", "LaunchShape", "GPU_LAUNCH_SHAPES", "dtype_name", "tl_dtype", "role_format",
+           "state_bits"]
