@@ -1,8 +1,8 @@
 """The ``torch.compile`` backends: ``backend="lowbit"`` and ``backend="lowbit_aot_eager"``.
 
 ``lowbit`` is inductor with the lowbit pass installed as its ``post_grad_custom_pre_pass``: every optimizer-update
-region (dequant -> pointwise math -> requant) becomes one multi-tensor launch of a generated Triton kernel per kernel
-spec, and inductor compiles the rest. ``mode`` and ``options`` are passed to inductor (``mode="reduce-overhead"``
+region (dequant -> pointwise math -> requant) becomes part of one multi-tensor launch of a generated Triton kernel
+per device (one part per kernel spec), and inductor compiles the rest. ``mode`` and ``options`` are passed to inductor (``mode="reduce-overhead"``
 gives CUDA graphs); options named ``lowbit.*`` configure the pass:
 
 * ``lowbit.stochastic_rounding`` (bool, default False): bf16 parameters/states written with stochastic rounding.

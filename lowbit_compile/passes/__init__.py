@@ -1,8 +1,8 @@
 """FX passes of the lowbit backend, run on inductor's functional post-grad graph (or the aot-eager graph).
 
 ``LowbitPass`` is the ``post_grad_custom_pre_pass`` the backend installs: ``cse_scalars`` (so every parameter's
-region reads the same scalar nodes), then ``fuse_updates`` (regions -> one ``lowbit::fused_update_`` per kernel
-spec), then any pass the user had configured. Its ``uuid`` hashes the sources of everything that decides the
+region reads the same scalar nodes), then ``fuse_updates`` (regions -> one ``lowbit::fused_update_`` per device, a
+part per kernel spec), then any pass the user had configured. Its ``uuid`` hashes the sources of everything that decides the
 rewrite and the generated kernels, so inductor's FX-graph cache stays valid and is invalidated by any change.
 """
 from __future__ import annotations

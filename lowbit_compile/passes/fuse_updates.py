@@ -1,5 +1,5 @@
-"""Replace every fusable update region by a ``lowbit::fused_update_`` call, one call per group of regions that
-generate the same kernel.
+"""Replace every fusable update region by one ``lowbit::fused_update_`` call per device: the regions that generate
+the same kernel spec are a part of it, every part runs in the same launch.
 
 Pattern (per parameter, functional post-grad ATen)::
 
@@ -8,13 +8,16 @@ Pattern (per parameter, functional post-grad ATen)::
     afv2 = auto_functionalized_v2(lowbit.requant_, x=new_x, _all_bases=[codes, scales])
     copy_(codes, afv2[1]); copy_(scales, afv2[2]); copy_(param, new_p)
     copy_(counter, counter + sum(~isfinite(g)) + ...)      # accumulated full sums
+    copy_(step, step + 1)                                  # 0-d write-backs
 
-Rewrite (all N parameters whose regions give the same kernel spec, before the first epilogue ``copy_``)::
+Rewrite (before the first epilogue ``copy_``)::
 
-    lowbit.fused_update_([params..., codes..., scales..., counter], [grads...], [scalars...], spec)
+    lowbit.fused_update_([part 0's params..., codes..., scales..., part 1's ..., counter, step],
+                         [part 0's grads..., part 1's ...], [0-d inputs...], [tensors per part], launch spec)
 
-The region's interior, anchors, ``auto_functionalized_v2``/``getitem``/``copy_`` nodes and absorbed sums are
-deleted. Regions that cannot be fused are left untouched and reported (``lbc.compile_report()``).
+The regions' interiors, anchors, ``auto_functionalized_v2``/``getitem``/``copy_`` nodes and absorbed sums are
+deleted, and, for launches over small tensors, the 0-d math and write-backs the launch computes itself
+(``scalar_program.py``). Regions that cannot be fused are left untouched and reported (``lbc.compile_report()``).
 """
 from __future__ import annotations
 
