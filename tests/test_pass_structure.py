@@ -248,3 +248,24 @@ def test_launches_over_large_tensors_leave_the_0d_math_to_inductor(monkeypatch):
     assert '"scalar_body":[]' in report.fused[0].launch_spec
     assert "aten.pow" in report.graph and "aten.copy_" in report.graph  # bias corrections, step write-back
     assert_problems_close(got, want, steps=2)
+
+
+def test_each_device_launch_claims_only_its_own_0d_write_backs():
+    """Two step counters on two devices: the launch on one device moves only that device's increment (a write-back
+    claimed by two launches would be applied twice)."""
+    from torch.fx import Graph
+
+    from lowbit_compile.passes.scalar_program import build_scalar_program
+    graph = Graph()
+    nodes = {}
+    for name, device in (("a", "cpu"), ("b", "meta")):
+        step = graph.placeholder(f"step_{name}")
+        step.meta["val"] = torch.zeros((), device=device)
+        new = graph.call_function(torch.ops.aten.add.Tensor, (step, 1))
+        new.meta["val"] = torch.zeros((), device=device)
+        graph.call_function(torch.ops.aten.copy_.default, (step, new))
+        nodes[name] = (step, new)
+    graph.output(None)
+    program = build_scalar_program(graph, [], set(), torch.device("cpu"))
+    assert program.stored == [nodes["a"][0]] and program.moved == {nodes["a"][1]}
+    assert program.stores == ["c0"] and program.body == ["c0 = (x0 + 1.0)"]

@@ -230,10 +230,10 @@ def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileR
         read = list(dict.fromkeys(n for members in parts for n in members[0].scalars))
         numels = [m.region.numel for members in parts for m in members]
         move = sum(n if isinstance(n, int) else 0 for n in numels) <= MOVE_MAX_AVERAGE_NUMEL * len(numels)
-        program = build_scalar_program(graph, read, removed, move=move)
+        program = build_scalar_program(graph, read, removed, device, move=move)
         order = {node: i for i, node in enumerate(graph.nodes)}
         if any(order[n] >= order[insertion_point] for n in program.inputs):
-            program = build_scalar_program(graph, read, removed, move=move, stores=False)
+            program = build_scalar_program(graph, read, removed, device, move=move, stores=False)
         accumulators = list(dict.fromkeys(a for members in parts for a in members[0].accumulators))
         launch = LaunchSpec(
             parts=tuple(members[0].spec for members in parts),

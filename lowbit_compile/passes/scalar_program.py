@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import torch
 from torch.fx import Graph, Node
 
 from ..templates.fused_update import dtype_name, tl_dtype
@@ -63,10 +64,10 @@ def _operands(node: Node) -> list:
     return [a for i, a in enumerate(node.args) if i not in skip] + list(node.kwargs.values())
 
 
-def _computable(node) -> bool:
-    """A 0-d pointwise node over 0-d operands of dtypes the kernel has."""
+def _computable(node, device: torch.device) -> bool:
+    """A 0-d pointwise node on ``device`` over 0-d operands of dtypes the kernel has."""
     if not (isinstance(node, Node) and node.op == "call_function" and is_pointwise(node.target)
-            and is_scalar(node) and _emittable_dtype(node)):
+            and is_scalar(node) and _emittable_dtype(node) and value_of(node).device == device):
         return False
     tensors = [a for a in _operands(node) if isinstance(a, Node)]
     return all(is_scalar(a) and _emittable_dtype(a) for a in tensors)
@@ -78,20 +79,22 @@ def _computable(node) -> bool:
 MOVE_MAX_AVERAGE_NUMEL = 2 ** 21
 
 
-def build_scalar_program(graph: Graph, read: list[Node], fused: set, *, move: bool = True,
+def build_scalar_program(graph: Graph, read: list[Node], fused: set, device: torch.device, *, move: bool = True,
                          stores: bool = True) -> ScalarProgram:
-    """The 0-d program of a launch whose parts read the 0-d nodes ``read``; ``fused``: every node the launch's
-    fusion removes (its regions' interiors and write-backs). ``move``: whether any 0-d math moves into the launch
-    (without it, the parts' 0-d values are all inputs); ``stores``: whether 0-d write-backs may move."""
+    """The 0-d program of the launch on ``device`` whose parts read the 0-d nodes ``read``; ``fused``: every node the
+    fusion removes (regions' interiors and write-backs). ``move``: whether any 0-d math moves into the launch (without
+    it, the parts' 0-d values are all inputs); ``stores``: whether 0-d write-backs may move. Only nodes and
+    write-backs on ``device`` move (each device's launch claims its own, never another's)."""
     writes = collections.Counter(n.args[0] for n in graph.nodes if is_input_copy(n))
     copies = [n for n in graph.nodes if move and stores and is_input_copy(n) and n not in fused and not n.users
-              and is_scalar(n.args[0]) and isinstance(n.args[1], Node) and writes[n.args[0]] == 1]
+              and is_scalar(n.args[0]) and value_of(n.args[0]).device == device and isinstance(n.args[1], Node)
+              and writes[n.args[0]] == 1]
 
     moved: set = set()
     pending = (list(read) if move else []) + [c.args[1] for c in copies]
     while pending:
         node = pending.pop()
-        if node in moved or not _computable(node):
+        if node in moved or not _computable(node, device):
             continue
         moved.add(node)
         pending += [a for a in _operands(node) if isinstance(a, Node)]
