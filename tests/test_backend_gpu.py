@@ -113,3 +113,30 @@ def test_a_step_is_one_kernel():
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     assert kernels == ["fused_update_kernel"], kernels
     assert opt._plans[0].step.item() == 6
+
+
+def test_new_gradient_addresses_do_not_synchronise_the_host():
+    """Gradients at new addresses make the launch build new pointer tables; that must not synchronise the host
+    (pinned, asynchronous copies; the step's stream waits for them), and the step still follows eager."""
+    from lowbit_compile import optim
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (5000, 300)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, eager = optim.AdamW(params, bits=8), optim.AdamW(twins, bits=8)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="lowbit")
+    keep = []
+    for k in range(4):
+        for p, q in zip(params, twins):
+            keep.append(torch.empty(1024, device="cuda"))  # the next gradient lands at a new address
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if k else "default")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        eager.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)

@@ -861,12 +861,12 @@ class FusedUpdateKernel:
             program_tensor += [i for i, k in enumerate(programs) for _ in range(k)]
             part_ends.append(len(program_tensor))
             part_tables.append(PartTables(
-                torch.tensor(starts[:-1], dtype=torch.int32).to(device),
-                torch.tensor(numels, dtype=torch.int64).to(device),
-                torch.tensor(rows, dtype=torch.int64).reshape(len(rows), count).to(device),
+                _host_to_device(starts[:-1], torch.int32, device),
+                _host_to_device(numels, torch.int64, device),
+                _host_to_device(rows, torch.int64, device).reshape(len(rows), count),
                 all(address % 16 == 0 for row in rows for address in row)))
-        done = torch.zeros((), dtype=torch.int32).to(device) if spec.stores else None
-        return TableSet(torch.tensor(program_tensor or [0], dtype=torch.int32).to(device), tuple(part_ends),
+        done = torch.zeros((), dtype=torch.int32, device=device) if spec.stores else None
+        return TableSet(_host_to_device(program_tensor or [0], torch.int32, device), tuple(part_ends),
                         len(program_tensor), tuple(part_tables), done)
 
     def tables(self, mutated, inputs, scalars, counts):
@@ -947,7 +947,7 @@ def _seed(device: torch.device) -> torch.Tensor:
     """A device-side seed advanced after every stochastic-rounding launch (no host state, so CUDA-graph safe)."""
     if device not in _SEEDS:
         _SEEDS[device] = _outside_graph_pools(
-            device, lambda: torch.randint(0, 2**31 - 1, (), dtype=torch.int64).to(device))
+            device, lambda: torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device))
     return _SEEDS[device]
 
 
@@ -989,13 +989,16 @@ def _outside_graph_pools(device: torch.device, build):
     While cudagraph trees warm a graph up, every allocation the warming thread makes goes to the graph's private
     pool, and tensors that stay alive there are an error; during capture (which cudagraph trees run with
     ``capture_error_mode="thread_local"``) the capturing thread may not copy host-to-device. So CUDA work happens on
-    a helper thread and its own stream, which is then synchronised with. This is what lets a captured step take
-    gradients that cudagraph trees copied into static buffers (addresses unlike those seen in warm-up). On the CPU
-    ``build`` just runs."""
+    a helper thread and its own stream. This is what lets a captured step take gradients that cudagraph trees copied
+    into static buffers (addresses unlike those seen in warm-up). The host waits for that stream only while a graph
+    is being captured (the capture may not wait on work outside it); otherwise the current stream waits on it, so a
+    step that meets new addresses (tables rebuilt) does not synchronise the host. On the CPU ``build`` just runs."""
     if device.type != "cuda":
         return build()
     if not _ALLOCATING_THREAD:
         _ALLOCATING_THREAD.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lowbit-tables"))
+
+    capturing = torch.cuda.is_current_stream_capturing()
 
     def run():
         with torch.cuda.device(device):
@@ -1004,17 +1007,29 @@ def _outside_graph_pools(device: torch.device, build):
             side = _SIDE_STREAMS[device]
             with torch.cuda.stream(side):
                 made = build()
-            side.synchronize()
-            return made
+            built = side.record_event()
+            if capturing:
+                built.synchronize()
+            return made, built
 
-    made = _ALLOCATING_THREAD[0].submit(run).result()
+    made, built = _ALLOCATING_THREAD[0].submit(run).result()
     main = torch.cuda.current_stream(device)
+    if not capturing:
+        main.wait_event(built)
     for tensor in (made.tensors() if isinstance(made, TableSet) else [made]):
         tensor.record_stream(main)  # used (and one day freed) on this stream, not the helper's
     return made
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A table from host values without synchronising: through pinned memory, copied asynchronously (the pinned
+    block is not reused before the copy is done: torch's host allocator records the copy's stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @contextlib.contextmanager
