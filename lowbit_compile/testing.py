@@ -56,4 +56,19 @@ def tensors(draw, numel: int, signed: bool = True, dtype: torch.dtype = torch.fl
     return values.clamp(-limit, limit).to(dtype)
 
 
-__all__ = ["ALL_QUANTIZED", "MAGNITUDES", "formats", "sizes", "tensors"]
+
+def synchronises(step) -> str | None:
+    """The error torch raises if ``step()`` synchronises the host with the GPU (sync-debug mode "error"), else None:
+    a compiled optimizer step should enqueue its work and return."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
+
+
+__all__ = ["synchronises", "ALL_QUANTIZED", "MAGNITUDES", "formats", "sizes", "tensors"]

@@ -10,7 +10,7 @@ import lowbit_compile as lbc
 from lowbit_compile.optim import efcp as optim_efcp
 from lowbit_compile.optim.efcp import EFGGT, EFMFAC
 from lowbit_compile.templates import efcp as kernels
-from lowbit_compile.testing import tensors
+from lowbit_compile.testing import synchronises, tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # for @given tests (no fixtures there)
 EF_FORMATS = {"F32": lbc.F32(), "BF16": lbc.BF16(), "Q8": lbc.Q8(min_quant_numel=0),
@@ -438,19 +438,6 @@ def test_cuda_default_block_matches_reference(ef_name):
         _, ef, ring = ours
         torch.testing.assert_close(kernels.ring_dots(ours[0], ring, layout),
                                    kernels.ring_dots_reference(ours[0], ring, layout), rtol=1e-12, atol=1e-12)
-
-
-def synchronises(step) -> str | None:
-    """The error torch raises if ``step`` synchronises with the host (sync-debug mode "error"), else None."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    except RuntimeError as error:
-        return str(error)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return None
 
 
 @pytest.mark.cuda
