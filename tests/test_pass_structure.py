@@ -255,6 +255,7 @@ def test_each_device_launch_claims_only_its_own_0d_write_backs():
     claimed by two launches would be applied twice)."""
     from torch.fx import Graph
 
+    from lowbit_compile.passes.regions import GraphFacts
     from lowbit_compile.passes.scalar_program import build_scalar_program
     graph = Graph()
     nodes = {}
@@ -266,6 +267,6 @@ def test_each_device_launch_claims_only_its_own_0d_write_backs():
         graph.call_function(torch.ops.aten.copy_.default, (step, new))
         nodes[name] = (step, new)
     graph.output(None)
-    program = build_scalar_program(graph, [], set(), torch.device("cpu"))
+    program = build_scalar_program(graph, GraphFacts.of(graph), [], set(), torch.device("cpu"))
     assert program.stored == [nodes["a"][0]] and program.moved == {nodes["a"][1]}
     assert program.stores == ["c0"] and program.body == ["c0 = (x0 + 1.0)"]

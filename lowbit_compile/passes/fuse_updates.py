@@ -30,8 +30,8 @@ from torch.fx import Graph, Node
 from .._compat import triton_interpreting
 from ..report import CompileReport, FusedGroup, UnfusedRegion, record
 from ..templates.fused_update import KernelSpec, LaunchSpec, dtype_name, render_source
-from .pointwise import SHAPE_ONLY_ARGUMENTS, Value, emit, op_name
-from .regions import (Region, block_shared_accumulations, epilogue_start, find_regions, is_dequant, is_scalar,
+from .pointwise import Value, emit_node, op_name
+from .regions import (GraphFacts, Region, block_shared_accumulations, find_regions, is_dequant, is_scalar,
                       value_of)
 from .scalar_program import MOVE_MAX_AVERAGE_NUMEL, build_scalar_program
 
@@ -126,12 +126,9 @@ def build_spec(region: Region, stochastic_rounding: bool) -> FusedRegion:
                 inputs_roles.append(dtype_name(val.dtype))
                 inputs.append(node)
         else:
-            skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
-            args = tuple(None if i in skip else visit(a) if isinstance(a, Node) else a
-                         for i, a in enumerate(node.args))
-            kwargs = {k: visit(v) if isinstance(v, Node) else v for k, v in node.kwargs.items()}
+            expression = emit_node(node, visit)
             value = Value(f"v{len(body)}", val.dtype)
-            body.append(f"{value.text} = {emit(node.target, args, kwargs, val.dtype)}")
+            body.append(f"{value.text} = {expression}")
         names[node] = value
         return value
 
@@ -218,7 +215,7 @@ def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileR
     for members in groups.values():
         launches.setdefault(members[0].region.device, []).append(members)
 
-    insertion_point = epilogue_start(graph)
+    facts = GraphFacts.of(graph)
     fused_stores = {id(s.owned[0]) for m in fused for s in m.region.stores if s.kind == "sum"}
     doomed = {n for m in fused for n in m.region.owned}
     for acc in accumulations:
@@ -230,10 +227,9 @@ def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileR
         read = list(dict.fromkeys(n for members in parts for n in members[0].scalars))
         numels = [m.region.numel for members in parts for m in members]
         move = sum(n if isinstance(n, int) else 0 for n in numels) <= MOVE_MAX_AVERAGE_NUMEL * len(numels)
-        program = build_scalar_program(graph, read, removed, device, move=move)
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        if any(order[n] >= order[insertion_point] for n in program.inputs):
-            program = build_scalar_program(graph, read, removed, device, move=move, stores=False)
+        program = build_scalar_program(graph, facts, read, removed, device, move=move)
+        if any(facts.position[n] >= facts.position[facts.insertion_point] for n in program.inputs):
+            program = build_scalar_program(graph, facts, read, removed, device, move=move, stores=False)
         accumulators = list(dict.fromkeys(a for members in parts for a in members[0].accumulators))
         launch = LaunchSpec(
             parts=tuple(members[0].spec for members in parts),
@@ -248,7 +244,7 @@ def fuse_updates(graph: Graph, *, stochastic_rounding: bool = False) -> CompileR
             inputs += _flatten(members[0].spec.inputs, members, "inputs")
         mutated += accumulators + program.stored
         spec_text = launch.to_string()
-        with graph.inserting_before(insertion_point):
+        with graph.inserting_before(facts.insertion_point):
             call = graph.call_function(torch.ops.lowbit.fused_update_.default,
                                        (mutated, inputs, program.inputs, [len(m) for m in parts], spec_text))
         call.meta["val"] = None

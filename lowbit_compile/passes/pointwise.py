@@ -25,6 +25,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.fx import Node
 
 from ..templates.fused_update import dtype_name, tl_dtype
 
@@ -484,6 +485,22 @@ def is_pointwise(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and op_name(target) in EMITTERS
 
 
+def operand_nodes(node) -> list:
+    """The graph nodes ``node`` reads element by element (not those only its shape or dtype come from)."""
+    skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
+    operands = [a for i, a in enumerate(node.args) if i not in skip and isinstance(a, Node)]
+    return operands + [a for a in node.kwargs.values() if isinstance(a, Node)]
+
+
+def emit_node(node, operand: Callable[[Node], Value], scalar: bool = False) -> str:
+    """The ``tl`` expression of a pointwise graph node; ``operand`` gives the Value of each node it reads (called in
+    argument order)."""
+    skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
+    args = tuple(None if i in skip else operand(a) if isinstance(a, Node) else a for i, a in enumerate(node.args))
+    kwargs = {k: operand(v) if isinstance(v, Node) else v for k, v in node.kwargs.items()}
+    return emit(node.target, args, kwargs, node.meta["val"].dtype, scalar)
+
+
 def emit(target, args: tuple, kwargs: dict, out: torch.dtype, scalar: bool = False) -> str:
     """The ``tl`` expression of one node (``scalar``: a 0-d node, exact forms); bf16/fp16 results are computed in
     fp32 and rounded."""
@@ -494,5 +511,5 @@ def emit(target, args: tuple, kwargs: dict, out: torch.dtype, scalar: bool = Fal
     return text
 
 
-__all__ = ["Value", "EMITTERS", "SHAPE_ONLY_ARGUMENTS", "VIEWS", "emit", "is_pointwise", "op_name", "cast",
+__all__ = ["Value", "EMITTERS", "SHAPE_ONLY_ARGUMENTS", "VIEWS", "emit", "emit_node", "operand_nodes", "is_pointwise", "op_name", "cast",
            "literal", "promoted"]

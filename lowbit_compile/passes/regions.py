@@ -29,7 +29,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._compat import statically_true
 from ..templates.fused_update import ACCUMULATOR_DTYPES, PLAIN_TENSOR_DTYPES, dtype_name, tl_dtype
-from .pointwise import SHAPE_ONLY_ARGUMENTS, VIEWS, is_pointwise, op_name
+from .pointwise import VIEWS, is_pointwise, op_name, operand_nodes
 
 DEQUANT = "lowbit.dequant.default"
 REQUANT = "lowbit.requant_.default"
@@ -250,9 +250,7 @@ def walk(store: Store) -> Walk:
             # input: an update whose input is computed in the same graph (Shampoo's grafted direction) still fuses.
             result.leaves.add(node)
             continue
-        skip = SHAPE_ONLY_ARGUMENTS.get(op, ())
-        operands = [a for i, a in enumerate(node.args) if i not in skip and isinstance(a, Node)]
-        operands += [a for a in node.kwargs.values() if isinstance(a, Node)]
+        operands = operand_nodes(node)
         pending += operands
         if not computable:
             problem(f"{node.name} = {op} is not an elementwise op the fused kernel computes", op)

@@ -21,15 +21,14 @@ profile_steps.exploratory.md): there the GPU's extra time is hidden and one laun
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import torch
 from torch.fx import Graph, Node
 
 from ..templates.fused_update import dtype_name, tl_dtype
-from .pointwise import SHAPE_ONLY_ARGUMENTS, Value, emit, is_pointwise, op_name
-from .regions import is_input_copy, is_scalar, value_of
+from .pointwise import Value, emit_node, is_pointwise, operand_nodes
+from .regions import GraphFacts, is_input_copy, is_scalar, value_of
 
 
 @dataclasses.dataclass
@@ -59,18 +58,12 @@ def _emittable_dtype(node: Node) -> bool:
     return True
 
 
-def _operands(node: Node) -> list:
-    skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
-    return [a for i, a in enumerate(node.args) if i not in skip] + list(node.kwargs.values())
-
-
 def _computable(node, device: torch.device) -> bool:
     """A 0-d pointwise node on ``device`` over 0-d operands of dtypes the kernel has."""
     if not (isinstance(node, Node) and node.op == "call_function" and is_pointwise(node.target)
             and is_scalar(node) and _emittable_dtype(node) and value_of(node).device == device):
         return False
-    tensors = [a for a in _operands(node) if isinstance(a, Node)]
-    return all(is_scalar(a) and _emittable_dtype(a) for a in tensors)
+    return all(is_scalar(a) and _emittable_dtype(a) for a in operand_nodes(node))
 
 
 # A launch moves its 0-d math in when its tensors average at most this many elements: an 8-bit update moves 16 bytes
@@ -79,16 +72,15 @@ def _computable(node, device: torch.device) -> bool:
 MOVE_MAX_AVERAGE_NUMEL = 2 ** 21
 
 
-def build_scalar_program(graph: Graph, read: list[Node], fused: set, device: torch.device, *, move: bool = True,
-                         stores: bool = True) -> ScalarProgram:
-    """The 0-d program of the launch on ``device`` whose parts read the 0-d nodes ``read``; ``fused``: every node the
-    fusion removes (regions' interiors and write-backs). ``move``: whether any 0-d math moves into the launch (without
+def build_scalar_program(graph: Graph, facts: GraphFacts, read: list[Node], fused: set, device: torch.device, *,
+                         move: bool = True, stores: bool = True) -> ScalarProgram:
+    """The 0-d program of the launch on ``device`` whose parts read the 0-d nodes ``read``; ``facts``: the graph's,
+    from before the fusion; ``fused``: every node the fusion removes (regions' interiors and write-backs). ``move``: whether any 0-d math moves into the launch (without
     it, the parts' 0-d values are all inputs); ``stores``: whether 0-d write-backs may move. Only nodes and
     write-backs on ``device`` move (each device's launch claims its own, never another's)."""
-    writes = collections.Counter(n.args[0] for n in graph.nodes if is_input_copy(n))
     copies = [n for n in graph.nodes if move and stores and is_input_copy(n) and n not in fused and not n.users
               and is_scalar(n.args[0]) and value_of(n.args[0]).device == device and isinstance(n.args[1], Node)
-              and writes[n.args[0]] == 1]
+              and facts.writes[n.args[0]] == 1]
 
     moved: set = set()
     pending = (list(read) if move else []) + [c.args[1] for c in copies]
@@ -97,7 +89,7 @@ def build_scalar_program(graph: Graph, read: list[Node], fused: set, device: tor
         if node in moved or not _computable(node, device):
             continue
         moved.add(node)
-        pending += [a for a in _operands(node) if isinstance(a, Node)]
+        pending += operand_nodes(node)
     moving = [c for c in copies if c.args[1] in moved]
     changed = True
     while changed:
@@ -110,23 +102,17 @@ def build_scalar_program(graph: Graph, read: list[Node], fused: set, device: tor
         changed |= len(kept) != len(moving)
         moving = kept
 
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    order = facts.position
     stored = [c.args[0] for c in moving]
     loaded = [n for n in read if n not in moved]
-    loaded += [a for n in moved for a in _operands(n) if isinstance(a, Node) and a not in moved]
+    loaded += [a for n in moved for a in operand_nodes(n) if a not in moved]
     inputs = sorted({n for n in loaded if n not in stored}, key=order.get)
     names = {n: f"x{i}" for i, n in enumerate(inputs + stored)}
     body = []
     for node in sorted(moved, key=order.get):
-        skip = SHAPE_ONLY_ARGUMENTS.get(op_name(node.target), ())
-
-        def operand(a):
-            return Value(names[a], value_of(a).dtype, scalar=True) if isinstance(a, Node) else a
-
-        args = tuple(None if i in skip else operand(a) for i, a in enumerate(node.args))
-        kwargs = {k: operand(v) for k, v in node.kwargs.items()}
+        expression = emit_node(node, lambda a: Value(names[a], value_of(a).dtype, scalar=True), scalar=True)
         names[node] = f"c{len(body)}"
-        body.append(f"{names[node]} = {emit(node.target, args, kwargs, value_of(node).dtype, scalar=True)}")
+        body.append(f"{names[node]} = {expression}")
     return ScalarProgram(inputs, stored, body, [names[c.args[1]] for c in moving], names, moved, moving)
 
 

@@ -76,6 +76,27 @@ def role_format(role: str) -> Quantized | None:
     return fmt
 
 
+def _spec_text(spec) -> str:
+    """A spec dataclass as the JSON string the op carries, with the spec format's version."""
+    fields = dataclasses.asdict(spec)
+    fields["version"] = SPEC_VERSION
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+
+def _spec_fields(text: str, kind: str, required: tuple[str, ...]) -> dict:
+    """The fields of a ``kind`` spec string (version checked and dropped); a clear error for anything else."""
+    try:
+        fields = json.loads(text)
+        version = fields.pop("version")
+        for key in required:
+            fields[key]
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise ValueError(f"spec: not a fused-update {kind} spec: {text[:80]!r}") from err
+    if version != SPEC_VERSION:
+        raise ValueError(f"spec: version {version} is not {SPEC_VERSION}; recompile (clear the inductor cache)")
+    return fields
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """One fused update, independent of how many tensors it is launched over.
@@ -114,20 +135,16 @@ class KernelSpec:
             raise ValueError("a kernel spec needs at least one plain tensor role")
 
     def to_string(self) -> str:
-        fields = dataclasses.asdict(self)
-        fields["version"] = SPEC_VERSION
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return _spec_text(self)
 
     @classmethod
     def from_string(cls, text: str) -> "KernelSpec":
-        try:
-            fields = json.loads(text)
-            version = fields.pop("version")
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(f"spec: not a fused-update kernel spec: {text[:80]!r}") from err
-        if version != SPEC_VERSION:
-            raise ValueError(f"spec: version {version} is not {SPEC_VERSION}; recompile (clear the inductor cache)")
-        fields["sums"] = tuple((int(i), str(v)) for i, v in fields["sums"])
+        return cls.from_fields(_spec_fields(text, "kernel", ("sums",)))
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "KernelSpec":
+        """From the JSON fields of ``to_string`` (without the version)."""
+        fields = dict(fields, sums=tuple((int(i), str(v)) for i, v in fields["sums"]))
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
     @property
@@ -199,21 +216,12 @@ class LaunchSpec:
         return len(self.scalars) - len(self.stores)
 
     def to_string(self) -> str:
-        fields = dataclasses.asdict(self)
-        fields["version"] = SPEC_VERSION
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return _spec_text(self)
 
     @classmethod
     def from_string(cls, text: str) -> "LaunchSpec":
-        try:
-            fields = json.loads(text)
-            version = fields.pop("version")
-            parts = fields.pop("parts")
-        except (ValueError, KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"spec: not a fused-update launch spec: {text[:80]!r}") from err
-        if version != SPEC_VERSION:
-            raise ValueError(f"spec: version {version} is not {SPEC_VERSION}; recompile (clear the inductor cache)")
-        parts = tuple(KernelSpec.from_string(json.dumps({**p, "version": version})) for p in parts)
+        fields = _spec_fields(text, "launch", ("parts",))
+        parts = tuple(KernelSpec.from_fields(p) for p in fields.pop("parts"))
         nested = {k: tuple(tuple(x) for x in v) for k, v in fields.items() if k in ("bindings", "part_accumulators")}
         flat = {k: tuple(v) for k, v in fields.items() if k not in nested}
         return cls(parts, **nested, **flat)
@@ -635,9 +643,7 @@ def _scalar_program(launch: LaunchSpec, k: int) -> list[str]:
     """Lines that load the launch's 0-d inputs, compute its 0-d program, bind part ``k``'s scalars ``s{i}``, and
     let the last program to have read the inputs write the stored ones."""
     spec, bound = launch.parts[k], launch.bindings[k]
-    used = "\n".join(launch.scalar_body + launch.stores + bound)
-    lines = [f"x{i} = tl.load(x{i}_ptr)" for i in range(len(launch.scalars)) if _referenced(f"x{i}", used)]
-    lines += list(launch.scalar_body)
+    lines = _zero_d_values(launch, bound)
     lines += [f"s{i} = ({value}).to({tl_dtype(dtype)})" for i, (value, dtype) in enumerate(zip(bound, spec.scalars))]
     if launch.stores:
         # A program's reads come before its count (the barrier holds its warps until all have read; acq_rel orders
@@ -647,6 +653,13 @@ def _scalar_program(launch: LaunchSpec, k: int) -> list[str]:
                   "if done == programs - 1:"]
         lines += [f"    {line}" for line in _stores(launch)]
     return lines
+
+
+def _zero_d_values(launch: LaunchSpec, read: tuple[str, ...]) -> list[str]:
+    """Load the launch's 0-d inputs that its 0-d program, its stores or the values ``read`` use, then the program."""
+    used = "\n".join(launch.scalar_body + launch.stores + read)
+    lines = [f"x{i} = tl.load(x{i}_ptr)" for i in range(len(launch.scalars)) if _referenced(f"x{i}", used)]
+    return lines + list(launch.scalar_body)
 
 
 def _stores(launch: LaunchSpec) -> list[str]:
@@ -695,11 +708,8 @@ def _render_launch(launch: LaunchSpec) -> str:
         lines += [f"{'if' if k == 0 else 'elif'} pid < part_end{k}:", f"    _part{k}({', '.join(call)})"]
     if launch.stores:
         # No tensor has an element: the launch runs one program, which only writes the stored inputs.
-        used = "\n".join(launch.scalar_body + launch.stores)
         lines.append("if programs == 0:")
-        lines += [f"    x{i} = tl.load(x{i}_ptr)" for i in range(len(launch.scalars)) if _referenced(f"x{i}", used)]
-        lines += [f"    {line}" for line in launch.scalar_body]
-        lines += [f"    {line}" for line in _stores(launch)]
+        lines += [f"    {line}" for line in _zero_d_values(launch, ()) + _stores(launch)]
     header = "\n".join(f"# {line}" for line in launch.to_string().splitlines())
     kernel = (f"{header}\n@triton.jit\ndef fused_update_kernel(\n        " + ",\n        ".join(args)
               + ",\n):\n" + "\n".join("    " + line for line in lines) + "\n")
